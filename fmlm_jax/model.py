@@ -1,0 +1,358 @@
+"""The FLM/FMLM denoiser: a DiT with one- or two-time adaLN conditioning (SPEC §3).
+
+`DiT(config).apply({'params': p}, z, tau_s, tau_t=None, train=False, rngs=None)` maps a
+noisy one-hot sequence z (B, L, K) and network times τ (B,) to raw logits (B, L, K);
+`log_probs` applies the output cap. Parameter names mirror the reference PyTorch module
+(SPEC §7) so that `fmlm_jax.convert` is a table, not a translation: a torch
+`a.b.weight` of a Linear is the Flax `a/b/kernel` transposed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+# SPEC §3: (hidden_size, n_blocks, n_heads, cond_dim) of the published sizes.
+MODEL_SIZES = {
+    "tiny": (256, 8, 8, 128),
+    "small": (768, 12, 12, 128),
+    "medium": (1024, 24, 16, 128),
+    "xlarge": (1600, 48, 25, 128),
+}
+
+REQUIRED_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "cond_dim",
+    "n_blocks",
+    "n_heads",
+    "dropout",
+    "two_time",
+    "learnable_loss_weighting",
+)
+# Optional keys and their defaults (reference values, SPEC §3).
+OPTIONAL_DEFAULTS = {
+    "mlp_ratio": 4,
+    "attn_softcap": 50.0,  # scores → 50·tanh(scores / 50)
+    "output_cap": 30.0,  # logits → 30·tanh(logits / 30) before the log-softmax
+    "dtype": "float32",  # compute dtype of the blocks and final layer ('bfloat16' for speed)
+    "param_dtype": "float32",
+}
+
+TIME_FREQUENCIES = 128  # sinusoidal time features: 128 cos + 128 sin
+LOSS_WEIGHT_HIDDEN = 128  # width of the learnable loss-weighting MLP (SPEC §3.9)
+ROPE_BASE = 10000.0
+LN_EPS = 1e-5
+
+
+def model_config(size: str = "small", vocab_size: int = 30522, **overrides) -> ml_collections.ConfigDict:
+    """A complete model config for one of the SPEC sizes; `overrides` replace fields."""
+    if size not in MODEL_SIZES:
+        raise ValueError(f"unknown model size {size!r}; expected one of {sorted(MODEL_SIZES)}")
+    hidden, blocks, heads, cond = MODEL_SIZES[size]
+    cfg = ml_collections.ConfigDict(
+        dict(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            cond_dim=cond,
+            n_blocks=blocks,
+            n_heads=heads,
+            dropout=0.1,
+            two_time=False,
+            learnable_loss_weighting=False,
+            **OPTIONAL_DEFAULTS,
+        )
+    )
+    for key, value in overrides.items():
+        if key not in cfg:
+            raise KeyError(f"model config has no field {key!r}; fields are {sorted(cfg)}")
+        cfg[key] = value
+    return cfg
+
+
+def resolve_config(config) -> ml_collections.ConfigDict:
+    """Checks a model config and fills the optional fields with their defaults."""
+    missing = [k for k in REQUIRED_KEYS if k not in config]
+    if missing:
+        raise ValueError(
+            f"model config lacks {missing}; build one with fmlm_jax.model.model_config()"
+        )
+    known = set(REQUIRED_KEYS) | set(OPTIONAL_DEFAULTS)
+    unknown = sorted(set(config.keys()) - known)
+    if unknown:
+        raise ValueError(f"model config has unknown fields {unknown}; known fields: {sorted(known)}")
+    cfg = ml_collections.ConfigDict({**OPTIONAL_DEFAULTS, **config.to_dict()})
+    if cfg.hidden_size % cfg.n_heads:
+        raise ValueError(f"hidden_size {cfg.hidden_size} is not divisible by n_heads {cfg.n_heads}")
+    if (cfg.hidden_size // cfg.n_heads) % 2:
+        raise ValueError("rotary embeddings need an even head dimension")
+    return cfg
+
+
+def log_probs(logits: jax.Array, cap: float = OPTIONAL_DEFAULTS["output_cap"]) -> jax.Array:
+    """Capped log-softmax over the vocabulary: log δ = log_softmax(cap·tanh(logits/cap))."""
+    logits = logits.astype(jnp.float32)
+    return jax.nn.log_softmax(cap * jnp.tanh(logits / cap), axis=-1)
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+def _torch_uniform(fan_in: int):
+    """U(−1/√fan_in, 1/√fan_in): torch's default Linear weight and bias distribution."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class Linear(nn.Module):
+    """A torch-style Linear: kernel (in, out), torch default init, or zero init."""
+
+    features: int
+    use_bias: bool = True
+    zero_init: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        fan_in = x.shape[-1]
+        init = nn.initializers.zeros if self.zero_init else _torch_uniform(fan_in)
+        kernel = self.param("kernel", init, (fan_in, self.features), self.param_dtype)
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", init, (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def _layer_norm(name: str) -> nn.LayerNorm:
+    # No bias, learned scale, float32 statistics (SPEC §3.4); exact two-pass variance.
+    return nn.LayerNorm(
+        epsilon=LN_EPS, use_bias=False, dtype=jnp.float32, use_fast_variance=False, name=name
+    )
+
+
+def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    return x * (1.0 + scale) + shift
+
+
+class TimestepEmbedder(nn.Module):
+    """τ (B,) → [cos(τ·f), sin(τ·f)] (B, 256) → Linear → SiLU → Linear (B, cond)."""
+
+    cond_dim: int
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, tau: jax.Array) -> jax.Array:
+        i = jnp.arange(TIME_FREQUENCIES, dtype=jnp.float32)
+        freqs = jnp.exp(-math.log(10000.0) * i / TIME_FREQUENCIES)
+        args = tau.astype(jnp.float32)[:, None] * freqs[None, :]
+        features = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+        h = Linear(self.cond_dim, param_dtype=self.param_dtype, name="mlp_0")(features)
+        return Linear(self.cond_dim, param_dtype=self.param_dtype, name="mlp_2")(nn.silu(h))
+
+
+class LossWeighting(nn.Module):
+    """Learnable loss weight w(τ_s) (B,) (SPEC §3.9); the last layer starts at zero."""
+
+    cond_dim: int
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, tau_s: jax.Array) -> jax.Array:
+        e = TimestepEmbedder(self.cond_dim, self.param_dtype, name="s_embed")(tau_s)
+        h = Linear(LOSS_WEIGHT_HIDDEN, param_dtype=self.param_dtype, name="mlp_0")(e)
+        h = nn.gelu(h, approximate=False)  # exact erf GELU here, unlike the blocks
+        w = Linear(1, zero_init=True, param_dtype=self.param_dtype, name="mlp_2")(h)
+        return w[:, 0]
+
+
+class VocabEmbed(nn.Module):
+    """Input projection E (K, d): h = z·E for dense z, E[x] for token ids."""
+
+    vocab_size: int
+    hidden_size: int
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, z: jax.Array) -> jax.Array:
+        # torch kaiming_uniform_(a=√5) on a (K, d) tensor is U(±1/√d).
+        embedding = self.param(
+            "embedding", _torch_uniform(self.hidden_size), (self.vocab_size, self.hidden_size),
+            self.param_dtype,
+        )
+        embedding = embedding.astype(jnp.float32)
+        if jnp.issubdtype(z.dtype, jnp.integer):
+            return embedding[z]
+        return jnp.einsum("blk,kd->bld", z.astype(jnp.float32), embedding)
+
+
+def _rotary(head_dim: int, length: int) -> tuple[jax.Array, jax.Array]:
+    """cos, sin of [θ, θ] (L, head_dim), θ = pos·10000^(−2j/head_dim)."""
+    j = jnp.arange(head_dim // 2, dtype=jnp.float32)
+    inv_freq = ROPE_BASE ** (-2.0 * j / head_dim)
+    angles = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def _apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half (non-interleaved) rotary embedding on x (B, L, H, hd)."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+class DiTBlock(nn.Module):
+    """Pre-LN transformer block with adaLN modulation and gated residuals (SPEC §3.4)."""
+
+    hidden_size: int
+    n_heads: int
+    mlp_ratio: int
+    dropout: float
+    attn_softcap: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, h, c, rope, train: bool):
+        batch, length, d = h.shape
+        head_dim = d // self.n_heads
+        dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        mod = Linear(6 * d, zero_init=True, name="adaLN_modulation", **dense)(c)
+        shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod[:, None, :], 6, axis=-1)
+
+        a = _modulate(_layer_norm("norm1")(h), shift1, scale1)
+        qkv = Linear(3 * d, use_bias=False, name="attn_qkv", **dense)(a)
+        qkv = qkv.reshape(batch, length, 3, self.n_heads, head_dim)  # f = which·d + head·hd + dim
+        q = _apply_rotary(qkv[:, :, 0], *rope)
+        k = _apply_rotary(qkv[:, :, 1], *rope)
+        v = qkv[:, :, 2]
+        scores = jnp.einsum("blhd,bmhd->bhlm", q, k).astype(jnp.float32) / math.sqrt(head_dim)
+        scores = self.attn_softcap * jnp.tanh(scores / self.attn_softcap)
+        weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        o = jnp.einsum("bhlm,bmhd->blhd", weights, v).reshape(batch, length, d)
+        o = Linear(d, use_bias=False, name="attn_out", **dense)(o)
+        o = nn.Dropout(self.dropout, deterministic=not train)(o)
+        h = h + (gate1 * o).astype(jnp.float32)  # the residual stream stays float32
+
+        m = _modulate(_layer_norm("norm2")(h), shift2, scale2)
+        m = Linear(self.mlp_ratio * d, name="mlp_0", **dense)(m)
+        m = Linear(d, name="mlp_2", **dense)(nn.gelu(m, approximate=True))
+        m = nn.Dropout(self.dropout, deterministic=not train)(m)
+        return h + (gate2 * m).astype(jnp.float32)
+
+
+class FinalLayer(nn.Module):
+    """LN → adaLN (shift, scale) → Linear(d → K): the raw logits (SPEC §3.5)."""
+
+    vocab_size: int
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, h, c):
+        d = h.shape[-1]
+        dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        mod = Linear(2 * d, zero_init=True, name="adaLN_modulation", **dense)(c)
+        shift, scale = jnp.split(mod[:, None, :], 2, axis=-1)
+        x = _modulate(_layer_norm("norm_final")(h), shift, scale)
+        return Linear(self.vocab_size, zero_init=True, name="linear", **dense)(x)
+
+
+def _as_batch_times(tau, batch: int, name: str) -> jax.Array:
+    tau = jnp.asarray(tau, dtype=jnp.float32)
+    if tau.ndim == 0:
+        return jnp.broadcast_to(tau, (batch,))
+    if tau.shape != (batch,):
+        raise ValueError(f"{name} must have shape ({batch},) or be a scalar, got {tau.shape}")
+    return tau
+
+
+class DiT(nn.Module):
+    """The denoiser network. `config`: a model config (see `model_config`)."""
+
+    config: Any
+
+    def setup(self):
+        cfg = resolve_config(self.config)
+        self.cfg = cfg
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        self.vocab_embed = VocabEmbed(cfg.vocab_size, cfg.hidden_size, param_dtype)
+        self.sigma_map = TimestepEmbedder(cfg.cond_dim, param_dtype)
+        if cfg.two_time:
+            self.sigma_map_prime = TimestepEmbedder(cfg.cond_dim, param_dtype)
+        if cfg.learnable_loss_weighting:
+            self.learnable_loss_weighting = LossWeighting(cfg.cond_dim, param_dtype)
+        self.blocks = [
+            DiTBlock(
+                cfg.hidden_size, cfg.n_heads, cfg.mlp_ratio, cfg.dropout, cfg.attn_softcap,
+                dtype, param_dtype,
+            )
+            for _ in range(cfg.n_blocks)
+        ]
+        self.output_layer = FinalLayer(cfg.vocab_size, dtype, param_dtype)
+
+    def __call__(self, z, tau_s, tau_t=None, train: bool = False) -> jax.Array:
+        """Raw logits (B, L, K), float32.
+
+        z: noisy one-hot vectors (B, L, K) (any float dtype) or token ids (B, L).
+        tau_s: network time τ_s (B,) or scalar. tau_t: the second time of a two-time
+        model (required there); a one-time model given tau_t reuses `sigma_map` for it,
+        as the reference does.
+        """
+        cfg = self.cfg
+        dense_input = not jnp.issubdtype(z.dtype, jnp.integer)
+        if z.ndim != (3 if dense_input else 2) or (dense_input and z.shape[-1] != cfg.vocab_size):
+            raise ValueError(
+                f"z must be (B, L, {cfg.vocab_size}) floats or (B, L) token ids, got "
+                f"{z.shape} {z.dtype}"
+            )
+        batch, length = z.shape[:2]
+        tau_s = _as_batch_times(tau_s, batch, "tau_s")
+        if cfg.two_time and tau_t is None:
+            raise ValueError("a two-time model needs tau_t; pass tau_t=tau_s for the diagonal D_s")
+
+        e = self.sigma_map(tau_s)
+        if tau_t is not None:
+            tau_t = _as_batch_times(tau_t, batch, "tau_t")
+            e = e + (self.sigma_map_prime if cfg.two_time else self.sigma_map)(tau_t)
+        c = nn.silu(e)
+        if cfg.learnable_loss_weighting and self.is_initializing():
+            self.loss_weight(tau_s)  # create its parameters at init
+
+        h = self.vocab_embed(z)
+        rope = _rotary(cfg.hidden_size // cfg.n_heads, length)
+        for block in self.blocks:
+            h = block(h, c, rope, train)
+        return self.output_layer(h, c).astype(jnp.float32)
+
+    def loss_weight(self, tau_s) -> jax.Array:
+        """w(τ_s) (B,): each token's loss ℓ becomes e^{−w}·ℓ + w (SPEC §3.9)."""
+        if not self.cfg.learnable_loss_weighting:
+            raise ValueError("this model has no learnable loss weighting (learnable_loss_weighting=False)")
+        tau_s = jnp.atleast_1d(jnp.asarray(tau_s, jnp.float32))
+        return self.learnable_loss_weighting(tau_s)
+
+
+def init_params(config, rng: jax.Array, length: int = 8) -> dict:
+    """Initial parameters of `DiT(config)` (a dummy (1, length) token input fixes shapes)."""
+    cfg = resolve_config(config)
+    z = jnp.zeros((1, length), jnp.int32)
+    tau = jnp.zeros((1,), jnp.float32)
+    return DiT(config).init(rng, z, tau, tau if cfg.two_time else None)["params"]
+
+
+def param_shapes(config) -> dict:
+    """Parameter shapes without allocating them (jax.eval_shape)."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+
+
+def count_params(params) -> int:
+    return sum(int(math.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
