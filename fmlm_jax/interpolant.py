@@ -1,0 +1,42 @@
+"""The linear interpolant and flow-map algebra in interpolant time t (SPEC §1, §5).
+
+x_t = (1 − t)·ε + t·onehot(x₁), ε ~ N(0, I) of shape (B, L, K). Times are per sequence,
+shape (B,), and broadcast over tokens and vocabulary.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+FLOW_MAP_EPS = 1e-8  # added to 1 − s (and the λ denominator) as the reference does
+
+
+def _rows(t: jax.Array, like: jax.Array) -> jax.Array:
+    """(B,) → (B, 1, ..., 1) broadcastable against `like`."""
+    t = jnp.asarray(t, jnp.float32)
+    return t.reshape(t.shape + (1,) * (like.ndim - t.ndim))
+
+
+def noisy(tokens: jax.Array, t: jax.Array, eps: jax.Array) -> jax.Array:
+    """x_t (B, L, K) from token ids (B, L), times t (B,) and noise ε (B, L, K)."""
+    onehot = jax.nn.one_hot(tokens, eps.shape[-1], dtype=eps.dtype)
+    t = _rows(t, eps)
+    return (1.0 - t) * eps + t * onehot
+
+
+def flow_map(x: jax.Array, delta: jax.Array, s: jax.Array, t: jax.Array) -> jax.Array:
+    """X_{s,t}(x) = ((1−t)/(1−s))·x + ((t−s)/(1−s))·δ_{s,t}(x), with 1e-8 added to 1 − s."""
+    s, t = _rows(s, x), _rows(t, x)
+    denom = 1.0 - s + FLOW_MAP_EPS
+    return ((1.0 - t) / denom) * x + ((t - s) / denom) * delta
+
+
+def semigroup_weight(s: jax.Array, u: jax.Array, t: jax.Array) -> jax.Array:
+    """λ = (1−t)(u−s) / ((1−u)(t−s) + 1e-8) ∈ [0, 1]: weight of δ_{s,u} in the PSD target."""
+    return (1.0 - t) * (u - s) / ((1.0 - u) * (t - s) + FLOW_MAP_EPS)
+
+
+def velocity(x: jax.Array, denoised: jax.Array, t: jax.Array) -> jax.Array:
+    """The interpolant's velocity v_t(x) = (D_t(x) − x)/(1 − t)."""
+    return (denoised - x) / (1.0 - _rows(t, x))
