@@ -28,30 +28,34 @@ def token_loss(params, model_config, log_p: jax.Array, tokens: jax.Array, tau_s:
 
 
 def flm_loss(params, batch: dict, rng: jax.Array, config, train: bool = True):
-    """Mean FLM loss over the valid tokens of the (global) batch.
+    """Mean FLM loss over the valid tokens of the (global) batch (SPEC §4).
 
     batch: {'tokens': (B, L) int32, optional 'mask': (B, L), 1 where the token counts}.
     config: needs `model` (a model config) and `flm.tau_min`, `flm.tau_max`.
+    Draws antithetic τ (B,) and ε (B, L, K), then calls `flm_loss_at`.
     Returns (loss, metrics).
     """
     tokens = batch["tokens"]
-    mask = batch.get("mask")
-    mask = jnp.ones(tokens.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
-    batch_size = tokens.shape[0]
-    vocab_size = config.model.vocab_size
     k_tau, k_noise, k_dropout = jax.random.split(rng, 3)
-
-    u = antithetic_uniform(k_tau, batch_size)
+    u = antithetic_uniform(k_tau, tokens.shape[0])
     tau = config.flm.tau_min + (config.flm.tau_max - config.flm.tau_min) * u
-    t = Schedule(vocab_size).tau_to_t(tau)
-    eps = jax.random.normal(k_noise, (*tokens.shape, vocab_size), jnp.float32)
-    x_t = interpolant.noisy(tokens, t, eps)
+    eps = jax.random.normal(k_noise, (*tokens.shape, config.model.vocab_size), jnp.float32)
+    return flm_loss_at(params, tokens, batch.get("mask"), tau, eps, k_dropout, config.model, train)
 
-    logits = model_lib.DiT(config.model).apply(
-        {"params": params}, x_t, tau, train=train, rngs={"dropout": k_dropout}
+
+def flm_loss_at(params, tokens, mask, tau, eps, dropout_rng, model_config, train: bool = True):
+    """The FLM loss for given times τ (B,) and noise ε (B, L, K): −log δ_τ(x_t)[x₁].
+
+    x_t = (1 − t)·ε + t·onehot(x₁) with t = T(τ); the network sees τ.
+    """
+    mask = jnp.ones(tokens.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+    t = Schedule(model_config.vocab_size).tau_to_t(tau)
+    x_t = interpolant.noisy(tokens, t, eps)
+    logits = model_lib.DiT(model_config).apply(
+        {"params": params}, x_t, tau, train=train, rngs={"dropout": dropout_rng}
     )
-    log_p = model_lib.log_probs(logits, config.model.get("output_cap", 30.0))
-    nll, weighted = token_loss(params, config.model, log_p, tokens, tau)
+    log_p = model_lib.log_probs(logits, model_config.get("output_cap", 30.0))
+    nll, weighted = token_loss(params, model_config, log_p, tokens, tau)
     n_valid = jnp.maximum(mask.sum(), 1.0)
     loss = (weighted * mask).sum() / n_valid
     metrics = {"loss": loss, "nll": (nll * mask).sum() / n_valid}
