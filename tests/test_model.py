@@ -44,7 +44,10 @@ requires_torch = pytest.mark.skipif(torch is None, reason="needs torch (test ext
 FIXTURES = os.path.join(TESTS, "fixtures")
 REF_NAMES = ["flm", "fmlm", "fmlm_llw"]
 REF_TWO_TIME = {"flm": False, "fmlm": True, "fmlm_llw": True}
-TOL = 1e-4
+TOL = 1e-4  # against the authors' outputs (EMA logits reach |30|)
+# Against the PyTorch module on the same machine: measured ≤ 3e-6; tight enough to catch an
+# erf-vs-tanh GELU swap in the blocks (1.3e-4 here).
+TORCH_TOL = 2e-5
 
 # A small, deliberately non-square model: K ≠ d ≠ cond, head_dim 8, L not a power of two.
 VOCAB, HIDDEN, COND, HEADS, BLOCKS = 37, 32, 16, 4, 2
@@ -223,22 +226,22 @@ def test_torch_parity_random_weights(two_time, llw):
     assert got.shape == want.shape == (BATCH, LENGTH, VOCAB) and got.dtype == np.float32
     assert np.abs(want).max() > 1.0  # a non-degenerate output
     diff = max_diff(got, want)
-    assert diff <= TOL, f"two_time={two_time} llw={llw}: max abs diff {diff}"
+    assert diff <= TORCH_TOL, f"two_time={two_time} llw={llw}: max abs diff {diff}"
     # Capped log-probabilities agree as well.
     want_lp = torch.log_softmax(30 * torch.tanh(torch.from_numpy(want) / 30), -1).numpy()
-    assert max_diff(log_probs(jnp.asarray(got)), want_lp) <= TOL
+    assert max_diff(log_probs(jnp.asarray(got)), want_lp) <= TORCH_TOL
     if llw:
         w = loss_weight(cfg, params, tau_s)
         with torch.no_grad():
             w_ref = model.loss_weight(torch.from_numpy(tau_s)).numpy()
         assert w.shape == (BATCH,)
-        assert max_diff(w, w_ref) <= TOL
+        assert max_diff(w, w_ref) <= TORCH_TOL
         assert np.abs(w_ref).max() > 1e-2
     if two_time:
         # The second time really enters: a different tau_t changes the output.
         other = apply(cfg, params, z, tau_s, tau_s)
         assert max_diff(other, got) > 1e-2
-        assert max_diff(other, torch_logits(model, z, tau_s, tau_s)) <= TOL
+        assert max_diff(other, torch_logits(model, z, tau_s, tau_s)) <= TORCH_TOL
 
 
 @requires_torch
@@ -252,7 +255,7 @@ def test_torch_parity_integer_tokens(two_time):
     got = apply(cfg, params, x.astype(np.int32), tau_s, tt)
     want = torch_logits(model, x.astype(np.int64), tau_s, tt)
     assert got.shape == (BATCH, LENGTH, VOCAB)
-    assert max_diff(got, want) <= TOL
+    assert max_diff(got, want) <= TORCH_TOL
     # A token id is its one-hot vector: z·E = E[x].
     onehot = np.eye(VOCAB, dtype=np.float32)[x]
     assert max_diff(apply(cfg, params, onehot, tau_s, tt), got) <= 1e-5
@@ -266,7 +269,7 @@ def test_torch_parity_one_time_model_given_tau_t():
     params = convert.params_from_state_dict(torch_state_dict(model), cfg)
     z, tau_s, tau_t, _ = inputs(seed=3)
     got = apply(cfg, params, z, tau_s, tau_t)
-    assert max_diff(got, torch_logits(model, z, tau_s, tau_t)) <= TOL
+    assert max_diff(got, torch_logits(model, z, tau_s, tau_t)) <= TORCH_TOL
     assert max_diff(got, apply(cfg, params, z, tau_s)) > 1e-2
 
 
@@ -278,7 +281,7 @@ def test_torch_parity_bigger_batch_and_length():
     params = convert.params_from_state_dict(torch_state_dict(model), cfg)
     z, tau_s, tau_t, _ = inputs(seed=4, batch=2, length=33)
     got = apply(cfg, params, z, tau_s, tau_t)
-    assert max_diff(got, torch_logits(model, z, tau_s, tau_t)) <= TOL
+    assert max_diff(got, torch_logits(model, z, tau_s, tau_t)) <= TORCH_TOL
 
 
 def test_scalar_times_broadcast():
@@ -419,7 +422,7 @@ def test_param_shapes_does_not_allocate():
     assert "blocks_12" not in shapes
 
 
-# ----------------------------------------------------------------------------- 5. invariants, policy
+# ------------------------------------------------------------------------ 5. invariants, policy
 
 
 @pytest.mark.parametrize("two_time,llw", COMBOS)
