@@ -1,16 +1,41 @@
-"""PyTorch reference checkpoints ↔ Flax parameters, driven by one name table (SPEC §7).
+"""PyTorch reference checkpoints ↔ Flax parameters ↔ Orbax, driven by one name table (SPEC §7).
 
 `reference_names(config)` lists every reference tensor in the reference parameter
 order (= the order of the EMA `shadow_params` list) with its Flax path and whether
 the tensor is transposed (torch Linear weights are (out, in), Flax kernels (in, out)).
 Both directions of the conversion read this table and nothing else.
+
+On top of the table:
+- reading: `load_torch` / `params_from_torch` take a Lightning `.ckpt` (the authors'
+  release layout), an HF-style `.safetensors` file, or an in-memory state dict; the
+  model config is inferred from the tensors (or checked against a given one).
+- writing: `params_to_torch` (reference-named torch tensors), `save_torch_checkpoint`
+  (a `.ckpt` the reference loader accepts), `save_safetensors`.
+- Orbax: `save_orbax` / `load_orbax` — one step directory with the items `params`
+  ({'raw': ..., 'ema': ...}) and `meta` (JSON: the model config, step, EMA state).
+- the CLI: `python -m fmlm_jax.convert torch-to-orbax|orbax-to-torch ...` (see --help).
+
+Every output is written to a temporary path beside its destination and renamed into
+place only when complete: a failed conversion leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
-from collections.abc import Mapping
+import contextlib
+import dataclasses
+import json
+import os
+import pickle
+import re
+import shutil
+import sys
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+import ml_collections
 import numpy as np
 
 from fmlm_jax import model as model_lib
@@ -114,3 +139,881 @@ def _lookup(tree: Mapping, path: tuple[str, ...]):
     for key in path:
         tree = tree[key]
     return tree
+
+
+# ============================================================================ constants
+
+WEIGHTS = ("ema", "raw")
+FORMAT = "fmlm_jax.convert/1"  # recorded in the Orbax `meta` item and safetensors metadata
+ROTARY_BUFFER = "rotary_emb.inv_freq"
+# Tokenizer vocabularies of the published runs (SPEC §8 data): named in vocab errors.
+KNOWN_VOCABS = {
+    30522: "bert-base-uncased, the LM1B models",
+    50258: "gpt2 + [PAD], the OpenWebText models",
+}
+DEFAULT_EMA_DECAY = 0.9999  # the reference recipe's EMA decay (SPEC §4)
+# The Lightning version the authors pin; `load_from_checkpoint` needs a version key.
+LIGHTNING_VERSION = "2.5.2"
+TIME_FEATURES = 2 * model_lib.TIME_FREQUENCIES
+N_HEADS_HINT = (
+    "the published checkpoints (lm1b_flm, lm1b_fmlm, owt_flm, owt_fmlm) are all DiT-small "
+    "with 12 heads: pass n_heads=12 (--n-heads 12) or a config (--size small)"
+)
+
+
+# ============================================================================ reading torch
+
+
+@dataclasses.dataclass
+class TorchCheckpoint:
+    """A reference checkpoint in memory: reference names (no `backbone.`), float32 numpy.
+
+    tensors: the parameters in file order (teacher, non-backbone keys and the rotary
+      buffer removed). ema: the EMA `shadow_params` list (reference parameter order) or
+      None. inv_freq: the `rotary_emb.inv_freq` buffer when the file has it (it fixes
+      head_dim = 2·len). weights_label: which weights a safetensors file says it holds.
+    """
+
+    tensors: collections.OrderedDict
+    ema: list | None = None
+    inv_freq: np.ndarray | None = None
+    global_step: int = 0
+    epoch: int = 0
+    ema_decay: float | None = None
+    ema_num_updates: int | None = None
+    source: str = "<state dict>"
+    format: str = "state-dict"  # 'lightning-ckpt' | 'safetensors' | 'state-dict'
+    weights_label: str | None = None
+    dropped: list = dataclasses.field(default_factory=list)
+    notes: list = dataclasses.field(default_factory=list)
+
+
+def _require_torch(what: str):
+    try:
+        import torch
+    except ImportError as e:  # torch is the optional `torch` extra
+        raise ImportError(
+            f"{what} needs torch: pip install -e '.[torch]' (a pinned CPU build is enough)"
+        ) from e
+    return torch
+
+
+def _clean_key(key: str) -> str:
+    """Strips torch.compile's `_orig_mod.` segments (SPEC §7)."""
+    key = key.replace("._orig_mod.", ".")
+    return key[len("_orig_mod."):] if key.startswith("_orig_mod.") else key
+
+
+def _torch_load(path: str) -> dict:
+    """torch.load with weights_only=True; pickled non-tensor objects are stubbed out.
+
+    The released `.ckpt` files pickle their `hyper_parameters` (an omegaconf config and a
+    transformers tokenizer): a plain weights-only load refuses them, and a full unpickle
+    would need those packages and run code from the file. Instead each global the safe
+    loader refuses is replaced by an inert placeholder class; tensors load as usual.
+    """
+    torch = _require_torch("reading a .ckpt")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # globals the safe loader refuses: stub them below
+        first_error = e
+    except Exception as e:  # noqa: BLE001 - not a torch file at all
+        raise ValueError(f"{path} is not a readable torch checkpoint: {e}") from None
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001
+        raise ValueError(f"{path} is not a readable torch checkpoint: {first_error}") from None
+    stubs = [_placeholder_class(name) for name in unsafe]
+    with torch.serialization.safe_globals(stubs):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(ckpt, dict):
+        ckpt["__placeholders__"] = sorted(unsafe)
+    return ckpt
+
+
+def _placeholder_class(qualified: str) -> type:
+    module, _, name = qualified.rpartition(".")
+
+    def init(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+    def setstate(self, state):
+        self.state = state
+
+    return type(name, (), {"__module__": module, "__init__": init, "__setstate__": setstate,
+                           "__repr__": lambda self: f"<placeholder {qualified}>"})
+
+
+def _read_safetensors(path: str) -> tuple[dict, dict]:
+    from safetensors import safe_open
+
+    tensors = {}
+    try:
+        with safe_open(path, framework="np") as f:
+            metadata = dict(f.metadata() or {})
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    except Exception as e:  # noqa: BLE001 - bf16 files need torch; anything else is fatal
+        if "bf16" not in str(e).lower() and "bfloat16" not in str(e).lower():
+            raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+        _require_torch("reading a bfloat16 safetensors file")
+        with safe_open(path, framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    return tensors, metadata
+
+
+def read_torch_checkpoint(src) -> TorchCheckpoint:
+    """Reads a `.ckpt`, a `.safetensors` file, a checkpoint dict or a state dict.
+
+    `src`: a path (a directory is searched for `model.safetensors`), a Lightning-style
+    dict with a `state_dict` (and optionally `ema`), a bare {name: tensor} mapping, or a
+    `TorchCheckpoint` (returned as is). Keys under `backbone.` are the model; `teacher*`
+    and other non-backbone keys are dropped (listed in `.dropped`).
+    """
+    if isinstance(src, TorchCheckpoint):
+        return src
+    if isinstance(src, Mapping):
+        return _from_mapping(src, "<state dict>", "state-dict")
+    path = os.fspath(src)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if os.path.isdir(path):
+        candidate = os.path.join(path, "model.safetensors")
+        if not os.path.isfile(candidate):
+            raise ValueError(
+                f"{path} is a directory without model.safetensors; pass the .ckpt or "
+                ".safetensors file (an Orbax directory goes to orbax-to-torch / load_orbax)"
+            )
+        path = candidate
+    if path.endswith(".safetensors"):
+        tensors, metadata = _read_safetensors(path)
+        ck = _from_mapping(tensors, path, "safetensors")
+        label = metadata.get("weights")
+        ck.weights_label = label if label in WEIGHTS else None
+        if "global_step" in metadata:
+            ck.global_step = int(metadata["global_step"])
+        return ck
+    raw = _torch_load(path)
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{path} holds a {type(raw).__name__}, not a checkpoint dict or state dict")
+    return _from_mapping(raw, path, "lightning-ckpt" if "state_dict" in raw else "state-dict")
+
+
+def _from_mapping(raw: Mapping, source: str, fmt: str) -> TorchCheckpoint:
+    full = raw if "state_dict" in raw else None
+    state = raw["state_dict"] if full is not None else raw
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{source}: `state_dict` is a {type(state).__name__}, not a mapping")
+    keys = {_clean_key(str(k)): k for k in state}
+    if any(k.startswith("backbone.") for k in keys):
+        names = {k[len("backbone."):]: orig for k, orig in keys.items() if k.startswith("backbone.")}
+        dropped = sorted(k for k in keys if not k.startswith("backbone."))
+    else:
+        names, dropped = dict(keys), []
+    dropped += sorted(k for k in names if k.startswith("teacher"))
+    names = {k: v for k, v in names.items() if not k.startswith("teacher")}
+    if "vocab_embed.embedding" not in names or "sigma_map.mlp.0.weight" not in names:
+        sample = sorted(keys)[:6]
+        raise ValueError(
+            f"{source} is not a DiT checkpoint of this model family: no "
+            f"`[backbone.]vocab_embed.embedding` / `sigma_map.mlp.0.weight` among its "
+            f"{len(keys)} tensors (first keys: {sample}); expected the FLM/FMLM layout of SPEC §7"
+        )
+    tensors = collections.OrderedDict()
+    inv_freq = None
+    for name, orig in names.items():
+        value = _to_numpy(state[orig])
+        if name == ROTARY_BUFFER:
+            inv_freq = value
+        else:
+            tensors[name] = value
+    ck = TorchCheckpoint(tensors=tensors, inv_freq=inv_freq, source=source, format=fmt,
+                         dropped=dropped)
+    if full is not None:
+        ck.global_step = int(full.get("global_step", 0) or 0)
+        ck.epoch = int(full.get("epoch", 0) or 0)
+        ema = full.get("ema")
+        if isinstance(ema, Mapping) and "shadow_params" in ema:
+            ck.ema = [_to_numpy(t) for t in ema["shadow_params"]]
+            ck.ema_decay = float(ema["decay"]) if "decay" in ema else None
+            ck.ema_num_updates = int(ema["num_updates"]) if "num_updates" in ema else None
+        elif ema is not None:
+            ck.notes.append("its `ema` entry has no shadow_params; treated as no EMA")
+        for extra in ("ema_list", "shortcut_ema"):
+            if extra in full:
+                ck.notes.append(f"its `{extra}` (extra EMAs) is not converted")
+        if full.get("__placeholders__"):
+            ck.notes.append(
+                "pickled objects replaced by placeholders (not needed for the weights): "
+                + ", ".join(full["__placeholders__"])
+            )
+    return ck
+
+
+# ============================================================================ the model config
+
+
+def describe_layout(config) -> str:
+    cfg = model_lib.resolve_config(config)
+    name = "FMLM (two-time)" if cfg.two_time else "FLM (one-time)"
+    if cfg.learnable_loss_weighting:
+        name += " + learnable loss weighting"
+    return f"{name}, {len(reference_names(cfg))} tensors"
+
+
+def _inferred_fields(ck: TorchCheckpoint) -> dict:
+    """Every model-config field the tensors determine (n_heads only via the rotary buffer)."""
+    t = ck.tensors
+    emb = t["vocab_embed.embedding"]
+    if emb.ndim != 2:
+        raise ValueError(f"{ck.source}: vocab_embed.embedding has shape {emb.shape}, expected (K, d)")
+    vocab, hidden = (int(n) for n in emb.shape)
+    sm = t["sigma_map.mlp.0.weight"]
+    if sm.ndim != 2 or sm.shape[1] != TIME_FEATURES:
+        raise ValueError(
+            f"{ck.source}: sigma_map.mlp.0.weight has shape {sm.shape}, expected "
+            f"(cond_dim, {TIME_FEATURES}) (SPEC §3.2)"
+        )
+    block_ids = sorted({int(m.group(1)) for k in t if (m := re.match(r"blocks\.(\d+)\.", k))})
+    if block_ids != list(range(len(block_ids))) or not block_ids:
+        raise ValueError(f"{ck.source}: transformer blocks {block_ids} are not 0..n-1")
+    fields = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        cond_dim=int(sm.shape[0]),
+        n_blocks=len(block_ids),
+        two_time=any(k.startswith("sigma_map_prime.") for k in t),
+        learnable_loss_weighting=any(k.startswith("learnable_loss_weighting.") for k in t),
+    )
+    mlp = t.get("blocks.0.mlp.0.weight")
+    if mlp is not None and mlp.ndim == 2 and mlp.shape[0] % hidden == 0:
+        fields["mlp_ratio"] = int(mlp.shape[0] // hidden)
+    if ck.inv_freq is not None:
+        fields["n_heads"] = _heads_from_rotary(ck.inv_freq, hidden, ck.source)
+    return fields
+
+
+def rotary_inv_freq(head_dim: int) -> np.ndarray:
+    """The reference buffer 1/10000^(2j/head_dim), j < head_dim/2, float32 as torch computes it."""
+    exponent = np.arange(0, head_dim, 2).astype(np.float32) / np.float32(head_dim)
+    return (np.float32(1.0) / np.float32(model_lib.ROPE_BASE) ** exponent).astype(np.float32)
+
+
+def _heads_from_rotary(inv_freq: np.ndarray, hidden: int, source: str) -> int:
+    head_dim = 2 * int(inv_freq.size)
+    if inv_freq.ndim != 1 or head_dim == 0 or hidden % head_dim:
+        raise ValueError(
+            f"{source}: rotary_emb.inv_freq has shape {inv_freq.shape}, which gives no head "
+            f"dimension dividing the width {hidden}"
+        )
+    if not np.allclose(inv_freq, rotary_inv_freq(head_dim), rtol=1e-5, atol=0):
+        raise ValueError(
+            f"{source}: rotary_emb.inv_freq is not 10000^(-2j/{head_dim}); this model's "
+            "rotary base differs from the reference (SPEC §3.3)"
+        )
+    return hidden // head_dim
+
+
+def _check_vocab(vocab: int, expected: int | None, source: str) -> None:
+    if expected is None or int(expected) == vocab:
+        return
+    found = f" ({KNOWN_VOCABS[vocab]})" if vocab in KNOWN_VOCABS else ""
+    wanted = f" ({KNOWN_VOCABS[int(expected)]})" if int(expected) in KNOWN_VOCABS else ""
+    raise ValueError(
+        f"{source} has vocabulary size {vocab}{found} but {expected}{wanted} was expected; "
+        "the tokenizer sizes are 30522 = bert-base-uncased (LM1B) and 50258 = gpt2 + [PAD] "
+        "(OpenWebText): use the checkpoint that matches your tokenizer, or the tokenizer "
+        "that matches the checkpoint"
+    )
+
+
+def checkpoint_config(ck: TorchCheckpoint, config=None, n_heads: int | None = None,
+                      expected_vocab_size: int | None = None) -> ml_collections.ConfigDict:
+    """The model config of `ck`: inferred from its tensors, or `config` checked against them.
+
+    n_heads cannot be read from weight shapes; it comes from `config`, from `n_heads`, or
+    from the rotary buffer of a `.ckpt` (head_dim = 2·len(inv_freq)), and all that are
+    given must agree.
+    """
+    found = _inferred_fields(ck)
+    _check_vocab(found["vocab_size"], expected_vocab_size, ck.source)
+    if n_heads is not None and "n_heads" in found and int(n_heads) != found["n_heads"]:
+        raise ValueError(
+            f"n_heads={n_heads} was given but {ck.source}'s rotary buffer has "
+            f"{ck.inv_freq.size} frequencies, i.e. head_dim {2 * ck.inv_freq.size} and "
+            f"{found['n_heads']} heads at width {found['hidden_size']}"
+        )
+    if config is not None:
+        cfg = model_lib.resolve_config(config)
+        if n_heads is not None and int(n_heads) != cfg.n_heads:
+            raise ValueError(f"n_heads={n_heads} contradicts the given config's n_heads={cfg.n_heads}")
+        wrong = [
+            f"{key}: config {cfg[key]!r}, checkpoint {value!r}{_explain(key, value)}"
+            for key, value in found.items() if cfg[key] != value
+        ]
+        if wrong:
+            raise ValueError(
+                f"{ck.source} is a {_layout_words(found)} whose tensors do not fit the given "
+                f"model config: " + "; ".join(wrong)
+            )
+        return cfg
+    if n_heads is None and "n_heads" not in found:
+        raise ValueError(
+            f"n_heads cannot be inferred from the weights of {ck.source} (no rotary buffer); "
+            + N_HEADS_HINT
+        )
+    found.setdefault("n_heads", None if n_heads is None else int(n_heads))
+    vocab = found.pop("vocab_size")
+    cfg = model_lib.model_config("small", vocab, **found)
+    return model_lib.resolve_config(cfg)
+
+
+
+def _explain(key: str, value) -> str:
+    if key == "two_time":
+        return (" (it has sigma_map_prime: a two-time FMLM)" if value
+                else " (no sigma_map_prime: a one-time FLM)")
+    if key == "learnable_loss_weighting":
+        return " (it has learnable_loss_weighting.*)" if value else " (no learnable_loss_weighting.*)"
+    if key == "vocab_size" and value in KNOWN_VOCABS:
+        return f" ({KNOWN_VOCABS[value]})"
+    return ""
+
+
+def _layout_words(fields: dict) -> str:
+    kind = "two-time FMLM" if fields["two_time"] else "one-time FLM"
+    if fields["learnable_loss_weighting"]:
+        kind += " with learnable loss weighting"
+    return kind
+
+
+# ============================================================================ torch → params
+
+
+def _ema_state_dict(ck: TorchCheckpoint, cfg) -> collections.OrderedDict:
+    """Names the EMA list by the table; refuses a list that does not fit the layout."""
+    table = reference_names(cfg)
+    if ck.ema is None:
+        raise ValueError(
+            f"{ck.source} has no EMA weights (no `ema.shadow_params`); "
+            "convert its raw weights with --weights raw (weights='raw')"
+        )
+    if len(ck.ema) != len(table):
+        raise ValueError(
+            f"{ck.source}: the EMA list has {len(ck.ema)} tensors but the {describe_layout(cfg)} "
+            f"of its state_dict has {len(table)} parameters. The reference loader would "
+            "silently truncate the list (zip) and give tensors to the wrong parameters; we "
+            "refuse. The EMA belongs to another architecture or the file is damaged: "
+            "convert the raw weights with --weights raw (weights='raw')"
+        )
+    named = collections.OrderedDict()
+    for i, ((name, _, _), value) in enumerate(zip(table, ck.ema, strict=True)):
+        want = ck.tensors[name].shape if name in ck.tensors else None
+        if want is not None and value.shape != want:
+            raise ValueError(
+                f"{ck.source}: EMA entry {i} has shape {tuple(value.shape)} but parameter {i} "
+                f"({name}) has {tuple(want)}; the EMA list is not in the reference parameter "
+                "order (SPEC §7). Convert the raw weights with --weights raw (weights='raw')"
+            )
+        named[name] = value
+    return named
+
+
+def _check_weights(weights: str) -> str:
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
+    return weights
+
+
+def _weight_sets(ck: TorchCheckpoint, cfg, weights: str) -> dict:
+    """{'raw': params, 'ema': params} as stored for `weights` (see `torch_to_orbax`)."""
+    _check_weights(weights)
+    if ck.format == "safetensors":
+        # One set of tensors; `weights` says which it is (our files record it).
+        if ck.weights_label is not None and ck.weights_label != weights:
+            raise ValueError(
+                f"{ck.source} holds {ck.weights_label} weights (its metadata says so); "
+                f"pass --weights {ck.weights_label} (weights={ck.weights_label!r})"
+            )
+        return {weights: params_from_state_dict(ck.tensors, cfg)}
+    if weights == "raw":
+        return {"raw": params_from_state_dict(ck.tensors, cfg)}
+    ema = _ema_state_dict(ck, cfg)  # fails first when there is no EMA: nothing else to do
+    return {"raw": params_from_state_dict(ck.tensors, cfg), "ema": params_from_state_dict(ema, cfg)}
+
+
+def load_torch(src, config=None, weights: str = "ema", n_heads: int | None = None,
+               expected_vocab_size: int | None = None) -> tuple[dict, Any]:
+    """(params for `fmlm_jax.model.DiT`, model config) from a reference checkpoint.
+
+    src: a `.ckpt` / `.safetensors` path, a checkpoint dict or a state dict (see
+    `read_torch_checkpoint`). config: a model config to check the tensors against
+    (None: inferred). weights: 'ema' (the EMA `shadow_params`, matched to the reference
+    parameter order) or 'raw' (the state_dict); a safetensors file holds one set, which
+    `weights` names. n_heads: required unless `config` is given or the file has the
+    rotary buffer (published models: 12). expected_vocab_size: checked when given.
+    Params are float32 numpy arrays.
+    """
+    ck = read_torch_checkpoint(src)
+    cfg = checkpoint_config(ck, config, n_heads, expected_vocab_size)
+    _check_weights(weights)
+    if ck.format == "safetensors":
+        return _weight_sets(ck, cfg, weights)[weights], cfg
+    if weights == "ema":
+        return params_from_state_dict(_ema_state_dict(ck, cfg), cfg), cfg
+    return params_from_state_dict(ck.tensors, cfg), cfg
+
+
+def params_from_torch(state_dict_or_path, config=None, weights: str = "ema",
+                      n_heads: int | None = None, expected_vocab_size: int | None = None) -> dict:
+    """Params only; `load_torch` also returns the (inferred) model config."""
+    return load_torch(state_dict_or_path, config, weights, n_heads, expected_vocab_size)[0]
+
+
+def params_to_torch(params: Mapping, config, include_buffers: bool = False) -> collections.OrderedDict:
+    """Reference-named torch tensors (no `backbone.`) in reference order, float32 as stored.
+
+    include_buffers: also insert `rotary_emb.inv_freq` where the reference state_dict has
+    it (after the time embedders), so `load_state_dict(strict=True)` accepts the result.
+    """
+    torch = _require_torch("params_to_torch")
+    arrays = _torch_arrays(params, config, include_buffers)
+    return collections.OrderedDict((k, torch.from_numpy(v)) for k, v in arrays.items())
+
+
+def _torch_arrays(params: Mapping, config, include_buffers: bool) -> collections.OrderedDict:
+    cfg = model_lib.resolve_config(config)
+    _check_tree(params, cfg, "params")
+    arrays = state_dict_from_params(_host(params), cfg)
+    if not include_buffers:
+        return arrays
+    out = collections.OrderedDict()
+    inserted = False
+    for name, value in arrays.items():
+        if not inserted and not name.startswith(("vocab_embed.", "sigma_map.", "sigma_map_prime.")):
+            out[ROTARY_BUFFER] = rotary_inv_freq(cfg.hidden_size // cfg.n_heads)
+            inserted = True
+        out[name] = value
+    return out
+
+
+def _host(tree):
+    """Every leaf as a host numpy array (jax arrays are fetched)."""
+    import jax
+
+    return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+
+
+def _check_tree(params: Mapping, cfg, what: str) -> None:
+    import jax
+
+    want = model_lib.param_shapes(cfg)
+    got_paths = {jax.tree_util.keystr(p): np.shape(x)
+                 for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    want_paths = {jax.tree_util.keystr(p): tuple(x.shape)
+                  for p, x in jax.tree_util.tree_flatten_with_path(want)[0]}
+    if got_paths != want_paths:
+        missing = sorted(set(want_paths) - set(got_paths))[:4]
+        extra = sorted(set(got_paths) - set(want_paths))[:4]
+        shapes = [f"{k}: {got_paths[k]} vs {want_paths[k]}" for k in sorted(got_paths)
+                  if k in want_paths and got_paths[k] != want_paths[k]][:4]
+        raise ValueError(
+            f"{what} do not fit the model config ({describe_layout(cfg)}): missing {missing}, "
+            f"unexpected {extra}, shape mismatches {shapes}"
+        )
+
+
+# ============================================================================ atomic outputs
+
+
+def _check_free(path: str, overwrite: bool) -> None:
+    if os.path.lexists(path) and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it")
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+@contextlib.contextmanager
+def _atomic_output(path, overwrite: bool = False):
+    """Yields a temporary path beside `path`; renames it to `path` on success only.
+
+    On any error the temporary path and the parent directories this created are removed,
+    and an existing `path` is left as it was.
+    """
+    path = os.path.abspath(os.fspath(path))
+    _check_free(path, overwrite)
+    parent = os.path.dirname(path)
+    created = []
+    probe = parent
+    while not os.path.exists(probe):
+        created.append(probe)
+        probe = os.path.dirname(probe)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        if not os.path.lexists(tmp):
+            raise RuntimeError(f"internal error: nothing was written to {tmp}")
+        if os.path.lexists(path):
+            _check_free(path, overwrite)
+            old = f"{tmp}.old"
+            os.rename(path, old)
+            os.rename(tmp, path)
+            _remove(old)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        for directory in created:  # innermost first
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
+        raise
+
+
+# ============================================================================ writing torch
+
+
+def save_torch_checkpoint(path, params_raw: Mapping, params_ema: Mapping | None, config,
+                          step: int = 0, epoch: int = 0, ema_decay: float | None = None,
+                          ema_num_updates: int | None = None, overwrite: bool = False) -> str:
+    """Writes a `.ckpt` in the released layout; returns its path.
+
+    `state_dict`: `backbone.<name>` for every parameter plus the `rotary_emb.inv_freq`
+    buffer, in the reference order; `ema` (when `params_ema` is given): {decay,
+    num_updates, shadow_params: the EMA tensors in reference parameter order};
+    `global_step`, `epoch`; plus what Lightning's `load_from_checkpoint` and the authors'
+    `on_load_checkpoint` read (`pytorch-lightning_version`, the `loops` counters, zero).
+    """
+    torch = _require_torch("writing a .ckpt")
+    cfg = model_lib.resolve_config(config)
+    raw = _torch_arrays(params_raw, cfg, include_buffers=True)
+    ckpt: dict = {
+        "state_dict": collections.OrderedDict(
+            (f"backbone.{k}", torch.from_numpy(np.ascontiguousarray(v))) for k, v in raw.items()
+        ),
+    }
+    if params_ema is not None:
+        ema = _torch_arrays(params_ema, cfg, include_buffers=False)
+        ckpt["ema"] = {  # the key order of the reference's ExponentialMovingAverage.state_dict
+            "shadow_params": [torch.from_numpy(np.ascontiguousarray(v)) for v in ema.values()],
+            "num_updates": int(step if ema_num_updates is None else ema_num_updates),
+            "decay": float(DEFAULT_EMA_DECAY if ema_decay is None else ema_decay),
+        }
+    ckpt.update({
+        "global_step": int(step),
+        "epoch": int(epoch),
+        "pytorch-lightning_version": LIGHTNING_VERSION,
+        # The authors' on_load_checkpoint reads these data-loader positions; positions
+        # of their pipeline mean nothing for converted weights, so they start at zero.
+        "loops": {"fit_loop": {"epoch_progress": {"current": {"completed": 0}},
+                               "epoch_loop.batch_progress": {"current": {"completed": 0}}}},
+    })
+    with _atomic_output(path, overwrite) as tmp:
+        torch.save(ckpt, tmp)
+    return os.path.abspath(os.fspath(path))
+
+
+def save_safetensors(path, params: Mapping, config, weights: str = "ema", step: int = 0,
+                     overwrite: bool = False) -> str:
+    """Writes HF-style safetensors: float32, reference names without `backbone.`, plus the
+    rotary buffer; the metadata records which weights these are and the model config."""
+    from safetensors.numpy import save_file
+
+    cfg = model_lib.resolve_config(config)
+    arrays = _torch_arrays(params, cfg, include_buffers=True)
+    metadata = {
+        "format": "pt",
+        "producer": FORMAT,
+        "weights": _check_weights(weights),
+        "global_step": str(int(step)),
+        "model_config": json.dumps(_config_json(cfg), sort_keys=True),
+    }
+    with _atomic_output(path, overwrite) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp, metadata=metadata)
+    return os.path.abspath(os.fspath(path))
+
+
+# ============================================================================ Orbax
+
+
+def _config_json(cfg) -> dict:
+    return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in cfg.to_dict().items()}
+
+
+def save_orbax(out_dir, params_raw: Mapping | None, params_ema: Mapping | None, model_config,
+               step: int = 0, *, source: str | None = None, epoch: int = 0,
+               ema_decay: float | None = None, ema_num_updates: int | None = None,
+               overwrite: bool = False) -> str:
+    """Writes `out_dir/<step>/{params, meta}` with an Orbax CheckpointManager, atomically.
+
+    params: {'raw': ..., 'ema': ...} (either may be None, not both), host numpy arrays;
+    meta: JSON {format, model_config, step, weights, ema, source, num_params}, so that
+    `load_orbax(out_dir)` needs no flags. Returns the step directory.
+    """
+    import orbax.checkpoint as ocp
+
+    cfg = model_lib.resolve_config(model_config)
+    sets = {name: p for name, p in (("raw", params_raw), ("ema", params_ema)) if p is not None}
+    if not sets:
+        raise ValueError("save_orbax needs params_raw, params_ema or both")
+    for name, params in sets.items():
+        _check_tree(params, cfg, f"params_{name}")
+    sets = {name: _host(params) for name, params in sets.items()}
+    meta = {
+        "format": FORMAT,
+        "model_config": _config_json(cfg),
+        "layout": describe_layout(cfg),
+        "step": int(step),
+        "epoch": int(epoch),
+        "weights": sorted(sets),
+        "ema": None if "ema" not in sets else {
+            "decay": float(DEFAULT_EMA_DECAY if ema_decay is None else ema_decay),
+            "num_updates": int(step if ema_num_updates is None else ema_num_updates),
+        },
+        "source": source,
+        "num_params": model_lib.count_params(next(iter(sets.values()))),
+    }
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True)
+    with _atomic_output(out_dir, overwrite) as tmp:
+        with ocp.CheckpointManager(tmp, options=options, item_handlers=_item_handlers()) as mngr:
+            mngr.save(int(step), args=ocp.args.Composite(
+                params=ocp.args.PyTreeSave(sets), meta=ocp.args.JsonSave(meta)))
+            mngr.wait_until_finished()
+    return os.path.join(os.path.abspath(os.fspath(out_dir)), str(int(step)))
+
+
+def _item_handlers() -> dict:
+    import orbax.checkpoint as ocp
+
+    return {"params": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+
+
+def _orbax_location(directory) -> tuple[str, int | None]:
+    """(manager root, step) for a converted checkpoint or one of its step directories."""
+    path = os.path.abspath(os.fspath(directory))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Orbax checkpoint {path} does not exist")
+    if not os.path.isdir(path):
+        raise ValueError(f"{path} is a file, not an Orbax checkpoint directory")
+    base = os.path.basename(path)
+    if os.path.isdir(os.path.join(path, "meta")) and base.isdigit():
+        return os.path.dirname(path), int(base)
+    return path, None
+
+
+@contextlib.contextmanager
+def _open_orbax(directory, step: int | None = None):
+    import orbax.checkpoint as ocp
+
+    root, found_step = _orbax_location(directory)
+    step = found_step if step is None else int(step)
+    options = ocp.CheckpointManagerOptions(create=False)
+    with ocp.CheckpointManager(root, options=options, item_handlers=_item_handlers()) as mngr:
+        steps = mngr.all_steps()
+        if not steps:
+            raise ValueError(f"{root} holds no Orbax checkpoint steps (no <step>/params, meta)")
+        if step is None:
+            step = mngr.latest_step()
+        elif step not in steps:
+            raise ValueError(f"{root} has no step {step}; it has {sorted(steps)}")
+        yield mngr, step
+
+
+def orbax_metadata(directory, step: int | None = None) -> dict:
+    """The `meta` item of a converted checkpoint (latest step unless `step` is given)."""
+    import orbax.checkpoint as ocp
+
+    with _open_orbax(directory, step) as (mngr, step):
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{directory} step {step} has no {FORMAT} metadata")
+    return meta
+
+
+def load_orbax(directory, weights: str = "ema", step: int | None = None) -> tuple[dict, Any]:
+    """(params, model config) from `save_orbax`'s output; params are host numpy arrays.
+
+    directory: the checkpoint root (latest step) or a step directory. weights: 'ema' or
+    'raw'; only that set is read (Orbax partial restore).
+    """
+    import jax
+    import ml_collections
+    import orbax.checkpoint as ocp
+
+    _check_weights(weights)
+    meta = orbax_metadata(directory, step)
+    cfg = model_lib.resolve_config(ml_collections.ConfigDict(meta["model_config"]))
+    if weights not in meta["weights"]:
+        other = [w for w in meta["weights"] if w != weights]
+        raise ValueError(
+            f"{directory} holds no {weights} weights (it has {meta['weights']}); "
+            f"pass weights={other[0]!r} (--weights {other[0]})"
+        )
+    shapes = model_lib.param_shapes(cfg)
+    dtype = np.dtype(cfg.param_dtype)
+    target = {weights: jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), shapes)}
+    restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    with _open_orbax(directory, meta["step"] if step is None else step) as (mngr, step):
+        restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
+            item=target, restore_args=restore_args, partial_restore=True)))
+    return restored["params"][weights], cfg
+
+
+# ============================================================================ conversions
+
+
+def torch_to_orbax(src, out_dir, config=None, weights: str = "ema", n_heads: int | None = None,
+                   expected_vocab_size: int | None = None, overwrite: bool = False) -> dict:
+    """Converts a reference checkpoint to Orbax; returns the written `meta` plus a summary.
+
+    weights='ema' (default): the checkpoint must have an EMA; raw and EMA are both stored.
+    weights='raw': the raw weights only. A safetensors file holds one set, which
+    `weights` names. Nothing is written if any check fails.
+    """
+    out = os.path.abspath(os.fspath(out_dir))
+    _check_weights(weights)
+    _check_free(out, overwrite)
+    ck = read_torch_checkpoint(src)
+    cfg = checkpoint_config(ck, config, n_heads, expected_vocab_size)
+    sets = _weight_sets(ck, cfg, weights)
+    step_dir = save_orbax(
+        out, sets.get("raw"), sets.get("ema"), cfg, ck.global_step, source=ck.source,
+        epoch=ck.epoch, ema_decay=ck.ema_decay, ema_num_updates=ck.ema_num_updates,
+        overwrite=overwrite,
+    )
+    return {"step_dir": step_dir, "checkpoint": ck, "config": cfg, "weights": sorted(sets)}
+
+
+def orbax_to_torch(src_dir, out, weights: str = "ema", overwrite: bool = False) -> dict:
+    """Writes `out` (.ckpt or .safetensors) from a converted Orbax checkpoint.
+
+    .ckpt: the raw weights as the state_dict, and with weights='ema' (default) the EMA
+    as `ema.shadow_params`; weights='raw' omits the EMA. .safetensors: the one set named
+    by `weights`.
+    """
+    out = os.path.abspath(os.fspath(out))
+    _check_weights(weights)
+    if not out.endswith((".ckpt", ".safetensors")):
+        raise ValueError(f"output {out} must end with .ckpt (Lightning) or .safetensors (HF)")
+    _check_free(out, overwrite)
+    meta = orbax_metadata(src_dir)
+    if out.endswith(".safetensors"):
+        params, cfg = load_orbax(src_dir, weights)
+        save_safetensors(out, params, cfg, weights, meta["step"], overwrite)
+        return {"meta": meta, "weights": [weights], "out": out}
+    if "raw" not in meta["weights"]:
+        raise ValueError(
+            f"{src_dir} holds no raw weights (only {meta['weights']}), which a .ckpt's "
+            "state_dict needs; write a .safetensors file instead"
+        )
+    raw, cfg = load_orbax(src_dir, "raw")
+    ema = load_orbax(src_dir, "ema")[0] if weights == "ema" else None  # errors if absent
+    ema_meta = meta.get("ema") or {}
+    save_torch_checkpoint(out, raw, ema, cfg, meta["step"], meta.get("epoch", 0),
+                          ema_meta.get("decay"), ema_meta.get("num_updates"), overwrite)
+    return {"meta": meta, "weights": ["raw"] + (["ema"] if ema is not None else []), "out": out}
+
+
+# ============================================================================ the CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fmlm_jax.convert",
+        description="Convert FLM/FMLM checkpoints between the reference PyTorch layout "
+        "(Lightning .ckpt, HF .safetensors) and Orbax (SPEC §7).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    t2o = sub.add_parser(
+        "torch-to-orbax", help="a .ckpt / .safetensors file → an Orbax checkpoint directory",
+        description="Reads a reference checkpoint, infers the model config from its tensors "
+        "(vocab, width, cond dim, depth, two-time, loss weighting), and writes DIR/<step>/"
+        "{params,meta} with raw and EMA weights.",
+    )
+    t2o.add_argument("--src", required=True, help="a Lightning .ckpt or HF .safetensors file")
+    t2o.add_argument("--out", required=True, help="the Orbax directory to create")
+    t2o.add_argument(
+        "--weights", choices=WEIGHTS, default="ema",
+        help="ema (default): store the raw weights and the EMA, which must exist; raw: "
+        "store the raw weights only. A safetensors file holds one set: this names it.",
+    )
+    t2o.add_argument(
+        "--n-heads", type=int, default=None,
+        help="attention heads (not visible in weight shapes). The published checkpoints "
+        "(lm1b_flm, lm1b_fmlm, owt_flm, owt_fmlm) are all DiT-small = 12 heads. Needed for "
+        "safetensors; a .ckpt's rotary buffer gives it (and is checked against this).",
+    )
+    t2o.add_argument(
+        "--size", choices=sorted(model_lib.MODEL_SIZES), default=None,
+        help="check the tensors against a SPEC size (small = 768 wide, 12 blocks, 12 heads, "
+        "cond 128) and take its head count",
+    )
+    t2o.add_argument(
+        "--vocab-size", type=int, default=None,
+        help="expected vocabulary size: 30522 (bert-base-uncased, LM1B) or 50258 "
+        "(gpt2 + [PAD], OWT); a mismatch is an error",
+    )
+    t2o.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+    o2t = sub.add_parser(
+        "orbax-to-torch", help="an Orbax checkpoint directory → a .ckpt or .safetensors file",
+        description="Writes a .ckpt in the released layout (state_dict with backbone. keys and "
+        "the rotary buffer, ema.shadow_params in reference order) or HF-style safetensors.",
+    )
+    o2t.add_argument("--src", required=True, help="an Orbax directory written by torch-to-orbax "
+                     "or save_orbax (or one of its step directories)")
+    o2t.add_argument("--out", required=True, help="Y.ckpt or Y.safetensors")
+    o2t.add_argument(
+        "--weights", choices=WEIGHTS, default="ema",
+        help=".ckpt: ema (default) writes raw + EMA, raw omits the EMA; .safetensors: "
+        "which set to write",
+    )
+    o2t.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    return parser
+
+
+def _config_line(cfg) -> str:
+    return (f"vocab {cfg.vocab_size}, width {cfg.hidden_size}, cond {cfg.cond_dim}, "
+            f"{cfg.n_blocks} blocks, {cfg.n_heads} heads, mlp ratio {cfg.mlp_ratio}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "torch-to-orbax":
+            _check_free(os.path.abspath(args.out), args.overwrite)
+            ck = read_torch_checkpoint(args.src)
+            config = None
+            if args.size is not None:
+                found = _inferred_fields(ck)
+                config = model_lib.model_config(
+                    args.size, found["vocab_size"], two_time=found["two_time"],
+                    learnable_loss_weighting=found["learnable_loss_weighting"])
+            result = torch_to_orbax(ck, args.out, config, args.weights, args.n_heads,
+                                    args.vocab_size, args.overwrite)
+            cfg = result["config"]
+            print(f"read {ck.source} ({ck.format}): {describe_layout(cfg)}, step {ck.global_step}"
+                  + ("" if ck.ema is None else f", EMA of {len(ck.ema)} tensors"))
+            for note in ck.notes + ([f"dropped {len(ck.dropped)} non-backbone/teacher tensors"]
+                                    if ck.dropped else []):
+                print(f"  note: {note}")
+            print(f"model: {_config_line(cfg)}")
+            print(f"wrote {result['step_dir']} (params: {', '.join(result['weights'])}; meta)")
+        else:
+            result = orbax_to_torch(args.src, args.out, args.weights, args.overwrite)
+            print(f"read {args.src}: {result['meta']['layout']}, step {result['meta']['step']}")
+            print(f"wrote {result['out']} ({', '.join(result['weights'])} weights)")
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -346,7 +346,8 @@ def init_params(config, rng: jax.Array, length: int = 8) -> dict:
     cfg = resolve_config(config)
     z = jnp.zeros((1, length), jnp.int32)
     tau = jnp.zeros((1,), jnp.float32)
-    return DiT(config).init(rng, z, tau, tau if cfg.two_time else None)["params"]
+    init = jax.jit(lambda key: DiT(config).init(key, z, tau, tau if cfg.two_time else None))
+    return init(rng)["params"]  # jitted: one compile instead of one per parameter shape
 
 
 def param_shapes(config) -> dict:

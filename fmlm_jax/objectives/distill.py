@@ -1,0 +1,302 @@
+"""FMLM distillation of a two-time denoiser δ_{s,t} (SPEC §5).
+
+Methods: PSD (semigroup; the released models), LSD (Lagrangian), ESD (Eulerian), each
+with a pretrained FLM teacher or without one (self-distillation). The global batch of
+N rows is split into diagonal rows (τ_s = τ_t, trained towards D_s), boundary rows
+(τ_s, τ_t) = (0, 1) and off-diagonal rows (the method's target). Every target sits
+under `stop_gradient`; derivatives are one `jax.jvp` each.
+
+The target builders take a *log-denoiser* callable `log_delta(x, tau_s, tau_t)` →
+log δ (B, L, K), so they serve the network and, in tests, an exact closed-form model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from fmlm_jax import interpolant
+from fmlm_jax import model as model_lib
+from fmlm_jax.objectives.flm import antithetic_uniform
+from fmlm_jax.schedule import Schedule
+
+LogDenoiser = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+METHODS = ("psd", "lsd", "esd")
+
+
+# ------------------------------------------------------------------ rows and times
+
+
+def split_rows(n: int, diagonal_fraction: float, boundary_prob: float) -> tuple[int, int, int]:
+    """(n_diag, n_boundary, n_offdiag) over a global batch of n rows (SPEC §5).
+
+    n_diag = ⌊n·f⌋, n_boundary = ⌊n·(f + (1−f)/P)⌋ − n_diag; the rest is off-diagonal.
+    """
+    f = diagonal_fraction
+    n_diag = math.floor(n * f)
+    n_boundary = math.floor(n * (f + (1.0 - f) / boundary_prob)) - n_diag
+    return n_diag, n_boundary, n - n_diag - n_boundary
+
+
+def sample_times(rng: jax.Array, n: int, config) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-row (τ_s, τ_u, τ_t), rows ordered [diagonal | boundary | off-diagonal].
+
+    config: the `distill` group (diagonal_fraction, boundary_prob, offdiag_sampling).
+    τ_u is the midpoint in τ (the reference's choice).
+    """
+    n_diag, n_bnd, n_off = split_rows(n, config.diagonal_fraction, config.boundary_prob)
+    k_diag, k_a, k_b = jax.random.split(rng, 3)
+    diag = antithetic_uniform(k_diag, n_diag) if n_diag else jnp.zeros((0,))
+    a, b = jax.random.uniform(k_a, (n_off,)), jax.random.uniform(k_b, (n_off,))
+    if config.offdiag_sampling == "uniform_diff":
+        gap, start = a, b
+        off_s = start * (1.0 - gap)
+        off_t = off_s + gap
+    elif config.offdiag_sampling == "uniform_st":
+        off_s, off_t = jnp.minimum(a, b), jnp.maximum(a, b)
+    else:
+        raise ValueError(
+            f"distill.offdiag_sampling must be 'uniform_diff' or 'uniform_st', got "
+            f"{config.offdiag_sampling!r}"
+        )
+    tau_s = jnp.concatenate([diag, jnp.zeros((n_bnd,)), off_s])
+    tau_t = jnp.concatenate([diag, jnp.ones((n_bnd,)), off_t])
+    return tau_s, 0.5 * (tau_s + tau_t), tau_t
+
+
+# ------------------------------------------------------------------ simplex tools
+
+
+def sparsemax(z: jax.Array, axis: int = -1) -> jax.Array:
+    """Euclidean projection of z onto the probability simplex (entmax with α = 2)."""
+    z = jnp.moveaxis(z, axis, -1)
+    z_sorted = -jnp.sort(-z, axis=-1)
+    k = jnp.arange(1, z.shape[-1] + 1, dtype=z.dtype)
+    cumsum = jnp.cumsum(z_sorted, axis=-1)
+    support = 1.0 + k * z_sorted > cumsum
+    k_z = jnp.sum(support, axis=-1, keepdims=True)
+    threshold = (jnp.take_along_axis(cumsum, k_z.astype(jnp.int32) - 1, axis=-1) - 1.0) / k_z
+    return jnp.moveaxis(jnp.maximum(z - threshold, 0.0), -1, axis)
+
+
+# ------------------------------------------------------------------ targets
+
+
+def _rows(v):
+    """Per-row values (B,) → (B, 1, 1) against (B, L, K)."""
+    return v[:, None, None]
+
+
+def psd_target(log_delta: LogDenoiser, x_s, tau_s, tau_u, tau_t, s, u, t,
+               second_pass: LogDenoiser | None = None) -> jax.Array:
+    """Semigroup target δ̄ = λ·δ_{s,u}(x_s) + (1−λ)·δ_{u,t}(X_{s,u}(x_s)) (no gradient).
+
+    `second_pass` (default: log_delta) evaluates δ_{u,t}; the loss passes the same
+    weights with another dropout key.
+    """
+    a = jnp.exp(log_delta(x_s, tau_s, tau_u))
+    y = interpolant.flow_map(x_s, a, s, u)
+    b = jnp.exp((second_pass or log_delta)(y, tau_u, tau_t))
+    lam = _rows(interpolant.semigroup_weight(s, u, t))
+    return jax.lax.stop_gradient(lam * a + (1.0 - lam) * b)
+
+
+def dlog_delta_dtau_t(log_delta: LogDenoiser, x, tau_s, tau_t):
+    """(log δ_{s,t}(x), ∂ log δ/∂τ_t) by one forward-mode jvp (tangent 1 on τ_t)."""
+    return jax.jvp(lambda tt: log_delta(x, tau_s, tt), (tau_t,), (jnp.ones_like(tau_t),))
+
+
+def dlog_delta_along_flow(log_delta: LogDenoiser, x_s, tau_s, tau_t, dtau_dt_s, velocity):
+    """(log δ_{s,t}(x_s), d/ds log δ_{s,t}(x_s(s))) for x moving with the flow.
+
+    One jvp of (τ_s, x) ↦ log δ with tangents (dτ/dt(s), v_s(x_s)): the network's time
+    input is τ, so the s-tangent is scaled by dτ/dt.
+    """
+    return jax.jvp(lambda ts, x: log_delta(x, ts, tau_t), (tau_s, x_s), (dtau_dt_s, velocity))
+
+
+def lsd_target(log_delta: LogDenoiser, denoiser_t: LogDenoiser, x_s, tau_s, tau_t, s, t,
+               dtau_dt_t, temperature: float = 1.0):
+    """Lagrangian distillation: (log δ_{s,t}(x_s) with gradient, target δ̄).
+
+    ∂_tδ = δ ⊙ ∂P/∂τ_t · dτ/dt(t), P = log δ_{s,t}(x_s);
+    δ̄ = sparsemax((D_t(X_{s,t}(x_s)) − ((t−s)(1−t)/(1−s))·∂_tδ) / temperature),
+    D_t(x) = exp(denoiser_t(x, τ_t, τ_t)). Exact flow maps make δ̄ = δ_{s,t}.
+    """
+    log_p, dlog_p_dtau = dlog_delta_dtau_t(log_delta, x_s, tau_s, tau_t)
+    delta = jax.lax.stop_gradient(jnp.exp(log_p))
+    d_delta_dt = delta * jax.lax.stop_gradient(dlog_p_dtau) * _rows(dtau_dt_t)
+    x_t = interpolant.flow_map(x_s, delta, s, t)
+    d_t = jnp.exp(denoiser_t(x_t, tau_t, tau_t))
+    coeff = (t - s) * (1.0 - t) / (1.0 - s + interpolant.FLOW_MAP_EPS)
+    raw = d_t - _rows(coeff) * d_delta_dt
+    return log_p, jax.lax.stop_gradient(sparsemax(raw / temperature))
+
+
+def esd_target(log_delta: LogDenoiser, d_s, x_s, tau_s, tau_t, s, t, dtau_dt_s):
+    """Eulerian distillation: (δ_{s,t}(x_s) with gradient, target δ̄).
+
+    δ̄ = D_s + ((1−s)(t−s)/(1−t))·δ ⊙ d/ds log δ along the flow v_s = (D_s − x_s)/(1−s).
+    Rows with t = 1 have no finite target (the coefficient divides by 1 − t): callers
+    must mask them out (see `distill_loss`); their coefficient is set to 0 here.
+    """
+    velocity = interpolant.velocity(x_s, d_s, s)
+    log_p, dlog_p_ds = dlog_delta_along_flow(log_delta, x_s, tau_s, tau_t, dtau_dt_s, velocity)
+    delta = jnp.exp(log_p)
+    finite = t < 1.0
+    coeff = jnp.where(finite, (1.0 - s) * (t - s) / jnp.where(finite, 1.0 - t, 1.0), 0.0)
+    target = d_s + _rows(coeff) * jax.lax.stop_gradient(delta) * dlog_p_ds
+    return delta, jax.lax.stop_gradient(target)
+
+
+# ------------------------------------------------------------------ the loss
+
+
+def teacher_config(student_config):
+    """The FLM teacher of a student config: one-time, no loss weighting (SPEC §5)."""
+    cfg = model_lib.resolve_config(student_config)
+    cfg.two_time = False
+    cfg.learnable_loss_weighting = False
+    return cfg
+
+
+def init_student(teacher_params, student_config, rng: jax.Array) -> dict:
+    """Student = teacher weights + fresh `sigma_map_prime` whose last Linear is zero,
+    so δ_{s,t} = D_s at step 0 (SPEC §5). Loss weighting, if any, starts fresh."""
+    cfg = model_lib.resolve_config(student_config)
+    if not cfg.two_time:
+        raise ValueError("the FMLM student must be two-time (model.two_time=True)")
+    params = dict(model_lib.init_params(cfg, rng))
+    for key, value in teacher_params.items():
+        if key not in params:
+            raise ValueError(f"teacher parameter {key!r} has no place in the student")
+        shapes = jax.tree_util.tree_map(jnp.shape, value)
+        want = jax.tree_util.tree_map(jnp.shape, params[key])
+        if shapes != want:
+            raise ValueError(f"teacher {key!r} has shapes {shapes}, the student expects {want}")
+        params[key] = jax.tree_util.tree_map(jnp.asarray, value)
+    prime = dict(params["sigma_map_prime"])
+    prime["mlp_2"] = jax.tree_util.tree_map(jnp.zeros_like, prime["mlp_2"])
+    params["sigma_map_prime"] = prime
+    return params
+
+
+def _network(params, model_config, train: bool, rng: jax.Array | None) -> LogDenoiser:
+    """log δ of the network as a LogDenoiser (fresh dropout key per call site)."""
+    net = model_lib.DiT(model_config)
+    cap = model_lib.resolve_config(model_config).output_cap
+    two_time = model_config.two_time
+
+    def log_delta(x, tau_s, tau_t):
+        rngs = {"dropout": rng} if (train and rng is not None) else None
+        logits = net.apply({"params": params}, x, tau_s, tau_t if two_time else None,
+                           train=train, rngs=rngs)
+        return model_lib.log_probs(logits, cap)
+
+    return log_delta
+
+
+def distill_loss(params, batch: dict, rng: jax.Array, config, teacher_params=None,
+                 ema_params=None, train: bool = True):
+    """The FMLM distillation loss over the global batch (SPEC §5). Returns (loss, metrics).
+
+    config: `model` (the two-time student) and `distill` (method, use_teacher,
+    diagonal_fraction, boundary_prob, offdiag_sampling, use_mse_loss_psd,
+    rescale_offdiag_loss_psd, use_ema_for_psd_target, use_teacher_for_D_t_lsd,
+    entmax_temp_lsd). teacher_params: the FLM teacher's EMA weights, required when
+    distill.use_teacher (otherwise self-distillation: data one-hots as diagonal
+    targets and the student's own diagonal as D). ema_params: needed for
+    use_ema_for_psd_target.
+    """
+    dc, mc = config.distill, config.model
+    if dc.method not in METHODS:
+        raise ValueError(f"distill.method must be one of {METHODS}, got {dc.method!r}")
+    if dc.use_teacher and teacher_params is None:
+        raise ValueError("distill.use_teacher=True but no teacher_params were given")
+    tokens = batch["tokens"]
+    n, length = tokens.shape
+    vocab = mc.vocab_size
+    n_diag, _, _ = split_rows(n, dc.diagonal_fraction, dc.boundary_prob)
+    mask = batch.get("mask")
+    mask = jnp.ones(tokens.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+    schedule = Schedule(vocab)
+    k_time, k_noise, k_student, k_target1, k_target2 = jax.random.split(rng, 5)
+
+    tau_s, tau_u, tau_t = sample_times(k_time, n, dc)
+    s, u, t = schedule.tau_to_t(tau_s), schedule.tau_to_t(tau_u), schedule.tau_to_t(tau_t)
+    eps = jax.random.normal(k_noise, (n, length, vocab), jnp.float32)
+    x_s = interpolant.noisy(tokens, s, eps)
+    onehot = jax.nn.one_hot(tokens, vocab, dtype=jnp.float32)
+
+    student = _network(params, mc, train, k_student)
+    teacher = (_network(teacher_params, teacher_config(mc), False, None)
+               if dc.use_teacher else None)
+    target_params = ema_params if dc.use_ema_for_psd_target else params
+    if dc.use_ema_for_psd_target and ema_params is None:
+        raise ValueError("distill.use_ema_for_psd_target=True but no ema_params were given")
+
+    def diag_rows(a):
+        return a[:n_diag]
+
+    def off_rows(a):
+        return a[n_diag:]
+
+    # Diagonal rows: cross-entropy towards D_s (teacher) or the data one-hot.
+    log_diag = student(diag_rows(x_s), diag_rows(tau_s), diag_rows(tau_s))
+    if dc.use_teacher:
+        diag_target = jnp.exp(teacher(diag_rows(x_s), diag_rows(tau_s), None))
+    else:
+        diag_target = diag_rows(onehot)
+    diag_loss = -jnp.sum(jax.lax.stop_gradient(diag_target) * log_diag, axis=-1)  # (n_diag, L)
+
+    # Off-diagonal and boundary rows: the method's target.
+    xo, ts_, tu_, tt_ = off_rows(x_s), off_rows(tau_s), off_rows(tau_u), off_rows(tau_t)
+    so, uo, to = off_rows(s), off_rows(u), off_rows(t)
+    off_mask = off_rows(mask)
+    if dc.method == "psd":
+        # Two target passes, each with its own dropout mask (train mode, no gradient).
+        first = _network(target_params, mc, train, k_target1)
+        second = _network(target_params, mc, train, k_target2)
+        target = psd_target(first, xo, ts_, tu_, tt_, so, uo, to, second_pass=second)
+        log_off = student(xo, ts_, tt_)
+        if dc.use_mse_loss_psd:
+            off_loss = jnp.sum((jnp.exp(log_off) - target) ** 2, axis=-1)
+        else:
+            off_loss = -jnp.sum(target * log_off, axis=-1)
+        if dc.rescale_offdiag_loss_psd:
+            off_loss = off_loss * (((to - so) / (1.0 - so + interpolant.FLOW_MAP_EPS)) ** 2)[:, None]
+    elif dc.method == "lsd":
+        use_teacher_d = dc.use_teacher and dc.use_teacher_for_D_t_lsd
+        d_t_net = (lambda x, a, b: teacher(x, a, None)) if use_teacher_d else student
+        log_off, target = lsd_target(student, d_t_net, xo, ts_, tt_, so, to,
+                                     schedule.dtau_dt(to), dc.entmax_temp_lsd)
+        off_loss = -jnp.sum(target * log_off, axis=-1)
+    else:  # esd
+        if dc.use_teacher:
+            d_s = jnp.exp(teacher(xo, ts_, None))
+        else:  # the student's own diagonal δ_{s,s} (the reference wrongly uses δ_{s,t})
+            d_s = jnp.exp(student(xo, ts_, ts_))
+        d_s = jax.lax.stop_gradient(d_s)
+        delta, target = esd_target(student, d_s, xo, ts_, tt_, so, to, schedule.dtau_dt(so))
+        off_loss = jnp.sum((delta - target) ** 2, axis=-1)
+        # Boundary rows (t = 1) have no finite Eulerian target: they are excluded from
+        # the loss and its normalisation (the reference divides by 1e-8 there).
+        off_mask = off_mask * (to < 1.0)[:, None]
+
+    per_token = jnp.concatenate([diag_loss, off_loss], axis=0)  # (N, L)
+    full_mask = jnp.concatenate([diag_rows(mask), off_mask], axis=0)
+    if mc.learnable_loss_weighting:
+        w = model_lib.DiT(mc).apply({"params": params}, tau_s, method=model_lib.DiT.loss_weight)
+        weighted = jnp.exp(-w)[:, None] * per_token + w[:, None]
+    else:
+        weighted = per_token
+    loss = (weighted * full_mask).sum() / jnp.maximum(full_mask.sum(), 1.0)
+    metrics = {
+        "loss": loss,
+        "diag_loss": (diag_loss * diag_rows(mask)).sum() / jnp.maximum(diag_rows(mask).sum(), 1.0),
+        "offdiag_loss": (off_loss * off_mask).sum() / jnp.maximum(off_mask.sum(), 1.0),
+    }
+    return loss, metrics
