@@ -146,7 +146,7 @@ def _lookup(tree: Mapping, path: tuple[str, ...]):
 WEIGHTS = ("ema", "raw")
 FORMAT = "fmlm_jax.convert/1"  # recorded in the Orbax `meta` item and safetensors metadata
 ROTARY_BUFFER = "rotary_emb.inv_freq"
-# Tokenizer vocabularies of the published runs (SPEC §8 data): named in vocab errors.
+# The tokenizer vocabularies of the published runs: named in vocabulary errors.
 KNOWN_VOCABS = {
     30522: "bert-base-uncased, the LM1B models",
     50258: "gpt2 + [PAD], the OpenWebText models",
@@ -296,7 +296,9 @@ def read_torch_checkpoint(src) -> TorchCheckpoint:
         return ck
     raw = _torch_load(path)
     if not isinstance(raw, Mapping):
-        raise ValueError(f"{path} holds a {type(raw).__name__}, not a checkpoint dict or state dict")
+        raise ValueError(
+            f"{path} holds a {type(raw).__name__}, not a checkpoint dict or state dict"
+        )
     return _from_mapping(raw, path, "lightning-ckpt" if "state_dict" in raw else "state-dict")
 
 
@@ -307,7 +309,9 @@ def _from_mapping(raw: Mapping, source: str, fmt: str) -> TorchCheckpoint:
         raise ValueError(f"{source}: `state_dict` is a {type(state).__name__}, not a mapping")
     keys = {_clean_key(str(k)): k for k in state}
     if any(k.startswith("backbone.") for k in keys):
-        names = {k[len("backbone."):]: orig for k, orig in keys.items() if k.startswith("backbone.")}
+        names = {
+            k[len("backbone."):]: orig for k, orig in keys.items() if k.startswith("backbone.")
+        }
         dropped = sorted(k for k in keys if not k.startswith("backbone."))
     else:
         names, dropped = dict(keys), []
@@ -367,7 +371,9 @@ def _inferred_fields(ck: TorchCheckpoint) -> dict:
     t = ck.tensors
     emb = t["vocab_embed.embedding"]
     if emb.ndim != 2:
-        raise ValueError(f"{ck.source}: vocab_embed.embedding has shape {emb.shape}, expected (K, d)")
+        raise ValueError(
+            f"{ck.source}: vocab_embed.embedding has shape {emb.shape}, expected (K, d)"
+        )
     vocab, hidden = (int(n) for n in emb.shape)
     sm = t["sigma_map.mlp.0.weight"]
     if sm.ndim != 2 or sm.shape[1] != TIME_FEATURES:
@@ -447,7 +453,9 @@ def checkpoint_config(ck: TorchCheckpoint, config=None, n_heads: int | None = No
     if config is not None:
         cfg = model_lib.resolve_config(config)
         if n_heads is not None and int(n_heads) != cfg.n_heads:
-            raise ValueError(f"n_heads={n_heads} contradicts the given config's n_heads={cfg.n_heads}")
+            raise ValueError(
+                f"n_heads={n_heads} contradicts the given config's n_heads={cfg.n_heads}"
+            )
         wrong = [
             f"{key}: config {cfg[key]!r}, checkpoint {value!r}{_explain(key, value)}"
             for key, value in found.items() if cfg[key] != value
@@ -475,7 +483,8 @@ def _explain(key: str, value) -> str:
         return (" (it has sigma_map_prime: a two-time FMLM)" if value
                 else " (no sigma_map_prime: a one-time FLM)")
     if key == "learnable_loss_weighting":
-        return " (it has learnable_loss_weighting.*)" if value else " (no learnable_loss_weighting.*)"
+        return (" (it has learnable_loss_weighting.*)" if value
+                else " (no learnable_loss_weighting.*)")
     if key == "vocab_size" and value in KNOWN_VOCABS:
         return f" ({KNOWN_VOCABS[value]})"
     return ""
@@ -571,7 +580,9 @@ def params_from_torch(state_dict_or_path, config=None, weights: str = "ema",
     return load_torch(state_dict_or_path, config, weights, n_heads, expected_vocab_size)[0]
 
 
-def params_to_torch(params: Mapping, config, include_buffers: bool = False) -> collections.OrderedDict:
+def params_to_torch(
+    params: Mapping, config, include_buffers: bool = False
+) -> collections.OrderedDict:
     """Reference-named torch tensors (no `backbone.`) in reference order, float32 as stored.
 
     include_buffers: also insert `rotary_emb.inv_freq` where the reference state_dict has
@@ -579,7 +590,7 @@ def params_to_torch(params: Mapping, config, include_buffers: bool = False) -> c
     """
     torch = _require_torch("params_to_torch")
     arrays = _torch_arrays(params, config, include_buffers)
-    return collections.OrderedDict((k, torch.from_numpy(v)) for k, v in arrays.items())
+    return collections.OrderedDict((k, torch.from_numpy(np.array(v))) for k, v in arrays.items())
 
 
 def _torch_arrays(params: Mapping, config, include_buffers: bool) -> collections.OrderedDict:
@@ -629,7 +640,9 @@ def _check_tree(params: Mapping, cfg, what: str) -> None:
 
 def _check_free(path: str, overwrite: bool) -> None:
     if os.path.lexists(path) and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it")
+        raise FileExistsError(
+            f"{path} already exists; pass --overwrite (overwrite=True) to replace it"
+        )
 
 
 def _remove(path: str) -> None:
@@ -857,8 +870,10 @@ def load_orbax(directory, weights: str = "ema", step: int | None = None) -> tupl
         )
     shapes = model_lib.param_shapes(cfg)
     dtype = np.dtype(cfg.param_dtype)
-    target = {weights: jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), shapes)}
-    restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    target = {weights: jax.tree_util.tree_map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, dtype), shapes)}
+    restore_args = jax.tree_util.tree_map(
+        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
     with _open_orbax(directory, meta["step"] if step is None else step) as (mngr, step):
         restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
             item=target, restore_args=restore_args, partial_restore=True)))
@@ -1003,7 +1018,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             for note in ck.notes + ([f"dropped {len(ck.dropped)} non-backbone/teacher tensors"]
                                     if ck.dropped else []):
                 print(f"  note: {note}")
-            print(f"model: {_config_line(cfg)}")
+            heads = ("the rotary buffer" if ck.inv_freq is not None
+                     else "--size" if args.size else "--n-heads")
+            print(f"model: {_config_line(cfg)} (heads from {heads})")
             print(f"wrote {result['step_dir']} (params: {', '.join(result['weights'])}; meta)")
         else:
             result = orbax_to_torch(args.src, args.out, args.weights, args.overwrite)
