@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 # SPEC §3: (hidden_size, n_blocks, n_heads, cond_dim) of the published sizes.
 MODEL_SIZES = {
@@ -267,6 +268,12 @@ class FinalLayer(nn.Module):
 
 
 def _as_batch_times(tau, batch: int, name: str) -> jax.Array:
+    # Concrete times are range-checked; traced ones (inside jit) cannot be.
+    if not isinstance(tau, jax.core.Tracer):
+        values = np.asarray(tau, dtype=np.float64)
+        if values.size and not (np.all(values >= 0.0) and np.all(values <= 1.0)):
+            raise ValueError(f"{name} must lie in [0, 1] (network times are τ), got "
+                             f"values in [{values.min()}, {values.max()}]")
     tau = jnp.asarray(tau, dtype=jnp.float32)
     if tau.ndim == 0:
         return jnp.broadcast_to(tau, (batch,))

@@ -71,11 +71,11 @@ class _DeviceSpline:
         dx = (x - hi[idx]) - lo[idx]  # exact for x near the knot (Sterbenz)
         return idx, dx
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, clip: bool = True) -> jax.Array:
         idx, dx = self._piece(x)
         c = jnp.asarray(self.coeffs)[:, idx]
         y = c[3] + dx * (c[2] + dx * (c[1] + dx * c[0]))
-        return jnp.clip(y, self.lower, self.upper)
+        return jnp.clip(y, self.lower, self.upper) if clip else y
 
     def derivative(self, x: jax.Array) -> jax.Array:
         idx, dx = self._piece(x)
@@ -131,7 +131,16 @@ class Schedule:
         return np.where(t >= 1.0, 1.0, np.clip(self._forward(t), 0.0, 1.0))
 
     def dtau_dt(self, t):
-        """dτ/dt, the derivative of the t → τ spline (SPEC §2; used by LSD/ESD)."""
+        """dτ/dt of the clipped t → τ map (SPEC §2; used by LSD/ESD): the spline's
+        derivative, and 0 where the map is clipped (t ≥ 1, or the spline dips below 0
+        between the first knots). Near τ = 1 the derivative is kept even where float32
+        rounds τ to 1: it is the slope of the map the reference interpolates."""
         if isinstance(t, jax.Array):
-            return self._forward_dev.derivative(t.astype(jnp.float32))
-        return self._forward(np.asarray(t, dtype=np.float64), 1)
+            t = t.astype(jnp.float32)
+            value = self._forward_dev(t, clip=False)
+            inside = (t < 1.0) & (value > 0.0)
+            return jnp.where(inside, self._forward_dev.derivative(t), 0.0)
+        t = np.asarray(t, dtype=np.float64)
+        value = self._forward(t)
+        inside = (t < 1.0) & (value > 0.0)
+        return np.where(inside, self._forward(t, 1), 0.0)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from fmlm_jax import model as model_lib
-from fmlm_jax.objectives import flm
+from fmlm_jax.objectives import distill, flm
 
 
 @flax.struct.dataclass
@@ -43,8 +43,12 @@ def ema_decay(num_updates: jax.Array, max_decay: float) -> jax.Array:
     return jnp.minimum(max_decay, (1.0 + n) / (10.0 + n))
 
 
-def create_train_state(config, rng: jax.Array) -> TrainState:
-    params = model_lib.init_params(config.model, rng)
+def create_train_state(config, rng: jax.Array, params=None) -> TrainState:
+    """A fresh state; `params` (e.g. a student initialised from its teacher) or a new init."""
+    if params is None:
+        params = model_lib.init_params(config.model, rng)
+    else:  # own buffers: the jitted step donates the state, never a caller's (teacher's) arrays
+        params = jax.tree_util.tree_map(jnp.copy, params)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -53,12 +57,27 @@ def create_train_state(config, rng: jax.Array) -> TrainState:
     )
 
 
-def train_step(state: TrainState, batch: dict, rng: jax.Array, config) -> tuple[TrainState, dict]:
-    """One FLM update. `rng` is the run key; the step's key is rng folded with the step."""
+def loss_fn(params, batch, rng, config, teacher_params=None, ema_params=None):
+    """The objective the config selects: FLM (`mode='train'`) or FMLM (`mode='distill'`)."""
+    mode = config.get("mode", "train")
+    if mode == "train":
+        return flm.flm_loss(params, batch, rng, config)
+    if mode == "distill":
+        return distill.distill_loss(params, batch, rng, config, teacher_params, ema_params)
+    raise ValueError(f"config.mode must be 'train' or 'distill', got {mode!r}")
+
+
+def train_step(state: TrainState, batch: dict, rng: jax.Array, config,
+               teacher_params=None) -> tuple[TrainState, dict]:
+    """One update. `rng` is the run key; the step's key is rng folded with the step.
+
+    teacher_params: the frozen FLM teacher (distillation with distill.use_teacher).
+    """
     optimizer = make_optimizer(config.train)
     step_rng = jax.random.fold_in(rng, state.step)
-    grad_fn = jax.value_and_grad(flm.flm_loss, has_aux=True)
-    (_, metrics), grads = grad_fn(state.params, batch, step_rng, config)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (_, metrics), grads = grad_fn(state.params, batch, step_rng, config, teacher_params,
+                                  state.ema_params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay(state.step + 1, config.train.ema_decay)

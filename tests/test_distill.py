@@ -226,9 +226,9 @@ def test_student_starts_as_the_teacher():
 @pytest.mark.parametrize("method", distill.METHODS)
 @pytest.mark.parametrize("use_teacher", [True, False])
 def test_distill_loss_runs_and_has_gradient(method, use_teacher):
-    teacher_cfg = tiny_model_config()
+    teacher_cfg = tiny_model_config(n_blocks=1)  # one block: compile time dominates here
     teacher = randomize(init_params(teacher_cfg, jax.random.key(0)), jax.random.key(1))
-    student_cfg = tiny_model_config(two_time=True)
+    student_cfg = tiny_model_config(two_time=True, n_blocks=1)
     student = distill.init_student(teacher, student_cfg, jax.random.key(2))
     config = ml_collections.ConfigDict(
         dict(model=student_cfg, distill=_distill_config(method, use_teacher=use_teacher)))

@@ -624,3 +624,14 @@ def test_state_dict_errors():
         convert.params_from_state_dict(sd1, model_config(
             "small", VOCAB + 1, hidden_size=HIDDEN, cond_dim=COND, n_heads=HEADS,
             n_blocks=BLOCKS, dropout=0.0))
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan")])
+def test_times_outside_unit_interval_are_rejected(bad):
+    cfg = model_config("tiny", 11, hidden_size=16, cond_dim=8, n_blocks=1, n_heads=2)
+    params = init_params(cfg, jax.random.key(0))
+    z = jnp.zeros((2, 3, 11))
+    with pytest.raises(ValueError, match=r"tau_s must lie in \[0, 1\]"):
+        DiT(cfg).apply({"params": params}, z, jnp.array([0.5, bad]))
+    with pytest.raises(ValueError, match=r"tau_t must lie in \[0, 1\]"):
+        DiT(cfg).apply({"params": params}, z, jnp.array([0.5, 0.5]), jnp.array([bad, 0.2]))

@@ -351,3 +351,15 @@ def test_spec_distillation_times(schedules, vocab, taus, want):
 def test_vocab_size_too_small_raises(vocab):
     with pytest.raises(ValueError, match="vocab_size"):
         Schedule(vocab)
+
+
+@pytest.mark.parametrize("vocab", VOCABS)
+def test_dtau_dt_is_zero_where_the_map_is_clipped(schedules, vocab):
+    s = schedules[vocab]
+    t = np.concatenate([np.linspace(0.0, 0.05, 501), [1.0, 1.5]])
+    slope = s.dtau_dt(t)
+    assert np.all(slope >= 0.0)  # the clipped map never decreases
+    assert s.dtau_dt(np.array(1.0)) == 0.0
+    flat = s.t_to_tau(t) == 0.0  # clipped at τ = 0: its slope is 0 too
+    np.testing.assert_array_equal(slope[flat & (t > 0)], 0.0)
+    np.testing.assert_allclose(np.asarray(s.dtau_dt(jnp.asarray(t, jnp.float32))), slope, atol=1e-6)
