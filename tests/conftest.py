@@ -26,7 +26,7 @@ def randomize(params, rng):
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     keys = jax.random.split(rng, len(paths_leaves))
     out = []
-    for key, (path, x) in zip(keys, paths_leaves):
+    for key, (path, x) in zip(keys, paths_leaves, strict=False):
         noise = jax.random.normal(key, x.shape, x.dtype)
         if x.ndim == 2:
             out.append(noise / np.sqrt(x.shape[0]))

@@ -37,7 +37,7 @@ except ImportError:  # torch is a test extra; the pure-JAX tests still run witho
 TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TESTS)
 if torch is not None:
-    from torch_dit import TorchDiT, load_reference_checkpoint  # noqa: E402
+    from torch_dit import TorchDiT  # noqa: E402
 
 requires_torch = pytest.mark.skipif(torch is None, reason="needs torch (test extra)")
 
@@ -182,7 +182,7 @@ def test_reference_logits_ema(name, ref_outputs):
     sd, ema = reference_checkpoint(name)
     table = convert.reference_names(cfg)
     assert len(ema) == len(table) == len(sd)
-    ema_sd = {tname: tensor for (tname, _, _), tensor in zip(table, ema)}
+    ema_sd = {tname: tensor for (tname, _, _), tensor in zip(table, ema, strict=False)}
     params = convert.params_from_state_dict(ema_sd, cfg)
     got = _ref_apply(name, params, ref_outputs)
     diff = max_diff(got, ref_outputs[f"{name}/logits_ema"])
@@ -195,7 +195,7 @@ def test_reference_logits_ema(name, ref_outputs):
 def test_reference_loss_weight_ema(ref_outputs):
     cfg = reference_config("fmlm_llw")
     _, ema = reference_checkpoint("fmlm_llw")
-    ema_sd = {n: t for (n, _, _), t in zip(convert.reference_names(cfg), ema)}
+    ema_sd = {n: t for (n, _, _), t in zip(convert.reference_names(cfg), ema, strict=False)}
     params = convert.params_from_state_dict(ema_sd, cfg)
     tau_s = ref_outputs["fmlm_llw/tau_s"]
     w = loss_weight(cfg, params, tau_s)
@@ -307,7 +307,7 @@ def test_table_order_is_torch_named_parameters(two_time, llw):
     assert [n for n, _, _ in table] == [n for n, _ in torch_names]
     # Shapes line up through the transpose flag with the Flax parameter shapes.
     shapes = param_shapes(small_config(two_time, llw))
-    for (name, path, transpose), (_, torch_shape) in zip(table, torch_names):
+    for (name, path, transpose), (_, torch_shape) in zip(table, torch_names, strict=False):
         leaf = shapes
         for key in path:
             leaf = leaf[key]
@@ -368,7 +368,7 @@ def test_round_trip_flax_params_bit_exact(two_time, llw):
     assert sd["output_layer.linear.weight"].shape == (VOCAB, HIDDEN)
     back = convert.params_from_state_dict(sd, cfg)
     assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(params)
-    for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(params)):
+    for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(params), strict=False):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 

@@ -73,7 +73,7 @@ def test_parameter_order_matches_checkpoint(name):
     # With the (persistent) rotary buffer, the full state_dict order matches too.
     assert list(model.state_dict().keys()) == ck_keys
     # EMA list shapes line up with named_parameters() order.
-    for (n, p), e in zip(model.named_parameters(), ck["ema"]["shadow_params"]):
+    for (n, p), e in zip(model.named_parameters(), ck["ema"]["shadow_params"], strict=False):
         assert tuple(p.shape) == tuple(e.shape), n
     # Rotary buffer: inv_freq_j = 10000^(-2j/head_dim), equal to the reference's.
     ref_inv = ck["state_dict"]["backbone.rotary_emb.inv_freq"]

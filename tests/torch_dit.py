@@ -270,7 +270,7 @@ def apply_ema(model: nn.Module, ema_list) -> nn.Module:
     params = list(model.parameters())
     if len(params) != len(ema_list):
         raise ValueError(f"EMA list has {len(ema_list)} tensors, model has {len(params)} params")
-    for p, e in zip(params, ema_list):
+    for p, e in zip(params, ema_list, strict=False):
         if tuple(p.shape) != tuple(e.shape):
             raise ValueError(f"EMA shape {tuple(e.shape)} != param shape {tuple(p.shape)}")
         p.copy_(e.to(p.dtype))

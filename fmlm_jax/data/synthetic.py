@@ -54,7 +54,7 @@ def corpus_bigrams(tokenizer: WordTokenizer, phrases=PHRASES) -> set[tuple[int, 
     pairs = set()
     encoded = [tokenizer.encode(p) for p in phrases]
     for ids in encoded:
-        pairs.update(zip(ids[:-1], ids[1:]))
+        pairs.update(zip(ids[:-1], ids[1:], strict=False))
         pairs.add((ids[-1], tokenizer.separator_id))
         pairs.update((tokenizer.separator_id, other[0]) for other in encoded)
     return pairs
@@ -64,7 +64,7 @@ def valid_bigram_fraction(token_ids: np.ndarray, tokenizer: WordTokenizer) -> fl
     """Fraction of adjacent pairs in (B, L) samples that occur in the corpus."""
     allowed = corpus_bigrams(tokenizer)
     ids = np.asarray(token_ids)
-    pairs = zip(ids[:, :-1].ravel().tolist(), ids[:, 1:].ravel().tolist())
+    pairs = zip(ids[:, :-1].ravel().tolist(), ids[:, 1:].ravel().tolist(), strict=False)
     hits = [pair in allowed for pair in pairs]
     return float(np.mean(hits))
 
