@@ -39,13 +39,21 @@ def batches(batch_size: int, seed: int):
         yield {"tokens": table[rng.integers(len(table), size=batch_size)]}
 
 
-def phrase_stats(ids: np.ndarray) -> tuple[float, float]:
-    """(fraction of rows that are valid phrases, entropy in nats of the row distribution)."""
-    rows = [tuple(int(v) for v in row) for row in ids]
-    valid = sum(row in set(PHRASE_IDS) for row in rows) / len(rows)
+def _entropy(rows) -> float:
     counts = np.array(list(collections.Counter(rows).values()), np.float64)
     p = counts / counts.sum()
-    return valid, float(-(p * np.log(p)).sum())
+    return float(-(p * np.log(p)).sum())
+
+
+def phrase_stats(ids: np.ndarray) -> dict:
+    """valid_fraction: rows that are phrases; phrase_entropy (nats): entropy of the
+    distribution over the phrases produced (valid rows only: diversity, measured apart
+    from validity); sample_entropy: entropy over all rows, invalid ones included."""
+    rows = [tuple(int(v) for v in row) for row in ids]
+    valid_rows = [row for row in rows if row in set(PHRASE_IDS)]
+    return dict(valid_fraction=len(valid_rows) / len(rows),
+                phrase_entropy=_entropy(valid_rows) if valid_rows else 0.0,
+                sample_entropy=_entropy(rows))
 
 
 def base_config(two_time: bool, mode: str, num_steps: int, method: str = "psd"):
@@ -79,14 +87,15 @@ def fit(config, state, rng, batch_size, seed, teacher=None, log=print, name=""):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--teacher_steps", type=int, default=2000)
-    parser.add_argument("--distill_steps", type=int, default=1500)
-    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--teacher_steps", type=int, default=3000)
+    parser.add_argument("--distill_steps", type=int, default=3000)
+    parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--methods", default="psd,lsd,esd")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     log = lambda msg: print(msg, flush=True)  # noqa: E731
+    start = time.time()
     keys = jax.random.split(jax.random.key(args.seed), 4)
 
     teacher_cfg = base_config(False, "train", args.teacher_steps)
@@ -98,8 +107,7 @@ def main():
     results = []
     for steps in (1, 2, 4):
         ids = np.asarray(sampling.flm_sample(teacher, teacher_cfg.model, z0, steps))
-        valid, entropy = phrase_stats(ids)
-        results.append(dict(model="flm", steps=steps, valid_fraction=valid, phrase_entropy=entropy))
+        results.append(dict(model="flm", steps=steps, **phrase_stats(ids)))
 
     for method in args.methods.split(","):
         cfg = base_config(True, "distill", args.distill_steps, method)
@@ -109,13 +117,12 @@ def main():
                     name=f"fmlm-{method}")
         for steps in (1, 2, 4):
             ids = np.asarray(sampling.fmlm_sample(state.ema_params, cfg.model, z0, steps))
-            valid, entropy = phrase_stats(ids)
-            results.append(dict(model=f"fmlm-{method}", steps=steps, valid_fraction=valid,
-                                phrase_entropy=entropy))
+            results.append(dict(model=f"fmlm-{method}", steps=steps, **phrase_stats(ids)))
 
     for r in results:
         log(f"{r['model']:>9} {r['steps']} step(s): valid {r['valid_fraction']:.3f}  "
-            f"phrase entropy {r['phrase_entropy']:.3f}")
+            f"phrase entropy {r['phrase_entropy']:.3f}  (all samples {r['sample_entropy']:.3f})")
+    log(f"total {time.time() - start:.0f}s")
     print(json.dumps({"data_entropy": math.log(len(PHRASES)), "results": results}))
 
 
