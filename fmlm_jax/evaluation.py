@@ -1,0 +1,224 @@
+"""Sample quality: generative perplexity under a causal LM, and unigram entropy (SPEC §8).
+
+    gen_ppl(texts, evaluator="gpt2-large", max_length=L, batch_size=8)
+        -> {"ppl", "nll_sum", "num_tokens", "seconds", "load_seconds", "num_samples",
+            "sample_nll" (B,), "sample_tokens" (B,)}
+    unigram_entropy(token_ids)  (B, L) -> (B,) nats
+
+The evaluator is any Hugging Face causal LM, named by hub id or by a local directory, and
+runs in PyTorch through `transformers` (the optional `eval` extra: torch and transformers
+are imported lazily, only when `gen_ppl` is called).
+
+Generative perplexity, exactly (SPEC §8):
+  1. the caller decodes samples with the *model's* tokenizer keeping special tokens
+     (`decode_keep_special`), so LM1B text keeps `[CLS]`/`[SEP]`;
+  2. each text is re-tokenized by the evaluator's tokenizer (its default special tokens,
+     as the reference) and truncated to `max_length` = L tokens;
+  3. a sample's ids are cut into chunks of `chunk_size` (1024) tokens scored with no carried
+     context; position j of a chunk is predicted from positions < j of the same chunk, so
+     the first token of each chunk is never scored;
+  4. a scored position counts if its token is not EOS, or if it is the sample's first EOS;
+  5. PPL = exp(Σ NLL / Σ count), pooled over every counted token of every sample.
+
+Where we differ from the reference (MDLM/Duo `compute_generative_perplexity`), on purpose:
+  - **Padding is never scored.** The reference pads a batch with EOS, so a sample without an
+    EOS of its own has its first pad scored as its "first EOS" — present or not depending on
+    whether a longer sample shares its batch. Here a sample's NLL and count depend only on
+    its own text: rows are right-padded (value EOS, attention mask 0) and pads are masked
+    out of the count.
+  - **No sample is dropped.** The reference scores `N // batch_size` batches and silently
+    drops the remainder; here the last batch is simply smaller.
+  - **The evaluator is loaded once** per (name, device, dtype) and cached; the reference
+    reloads it on every call.
+  - **Its time is measured apart**: `seconds` is tokenization + scoring only and
+    `load_seconds` the (first, uncached) load; the reference times sampling and scoring
+    together.
+  - **"First EOS" is the sample's first EOS**; the reference takes it per chunk. The two
+    agree whenever L ≤ chunk_size (LM1B L=128, OWT L=1024 with gpt2-large's 1024).
+    If a sample's first EOS is the first token of a chunk it is unscored and no later EOS
+    counts, as in the reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+_INSTALL_HINT = 'the evaluator needs torch and transformers: pip install -e ".[eval]"'
+
+
+def _import_torch_transformers():
+    try:
+        import torch
+        import transformers
+    except ImportError as e:  # torch and transformers are an optional extra
+        raise ImportError(f"{_INSTALL_HINT} (import failed: {e})") from e
+    return torch, transformers
+
+
+@functools.lru_cache(maxsize=4)
+def load_evaluator(evaluator: str = "gpt2-large", device: str = "cpu", dtype: str = "float32"):
+    """(tokenizer, model) for a hub name or a local directory, loaded once and cached.
+
+    Returns (tokenizer, model, seconds it took to load)."""
+    torch, transformers = _import_torch_transformers()
+    start = time.perf_counter()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(evaluator)
+    model = transformers.AutoModelForCausalLM.from_pretrained(evaluator, dtype=getattr(torch, dtype))
+    model = model.to(device).eval()
+    if tokenizer.eos_token_id is None:
+        raise ValueError(
+            f"evaluator {evaluator!r} has a tokenizer without an EOS token; generative perplexity "
+            "pads with and counts the first EOS (SPEC §8): use a causal LM whose tokenizer sets eos_token"
+        )
+    return tokenizer, model, time.perf_counter() - start
+
+
+def decode_keep_special(tokenizer: Any, token_ids) -> list[str]:
+    """Texts of (B, L) model token ids, special tokens kept (SPEC §8: LM1B keeps [CLS]/[SEP]).
+
+    `tokenizer` is a Hugging Face tokenizer of the *model* (not of the evaluator)."""
+    ids = np.asarray(token_ids).tolist()
+    return list(tokenizer.batch_decode(ids, skip_special_tokens=False))
+
+
+def _rows(ids: list[int], eos_id: int, chunk_size: int) -> list[tuple[list[int], list[bool]]]:
+    """One sample's ids → chunks, each with its mask of counted positions (SPEC §8).
+
+    mask[j] is True where position j of the chunk is scored (j ≥ 1) and its token is not EOS
+    or is the sample's first EOS."""
+    first_eos = ids.index(eos_id) if eos_id in ids else -1
+    counted = [t != eos_id or i == first_eos for i, t in enumerate(ids)]
+    rows = []
+    for start in range(0, len(ids), chunk_size):
+        chunk = ids[start : start + chunk_size]
+        mask = [False] + counted[start + 1 : start + len(chunk)]
+        rows.append((chunk, mask))
+    return rows
+
+
+def gen_ppl(
+    texts: Sequence[str],
+    evaluator: str = "gpt2-large",
+    max_length: int | None = None,
+    batch_size: int = 8,
+    chunk_size: int = 1024,
+    device: str | None = None,
+    dtype: str = "float32",
+) -> dict[str, Any]:
+    """Generative perplexity of `texts` under the causal LM `evaluator` (SPEC §8).
+
+    Args:
+      texts: B decoded samples (special tokens kept).
+      evaluator: hub name or local directory of a Hugging Face causal LM.
+      max_length: L; each re-tokenized text is truncated to L tokens (None: no truncation).
+      batch_size: chunk rows per forward pass; the last batch may be smaller (none dropped).
+      chunk_size: tokens per scored chunk, no context carried between chunks (1024 as the
+        reference for GPT-2); must not exceed the evaluator's context.
+      device: torch device; default "cuda" when available, else "cpu".
+      dtype: torch dtype name of the evaluator's weights; log-softmax runs in float32 and sums
+        accumulate in float64.
+
+    Returns a dict: ppl = exp(nll_sum / num_tokens) pooled over all counted tokens (nan when
+    none counts); nll_sum; num_tokens; sample_nll and sample_tokens, (B,) numpy arrays;
+    num_samples; seconds (tokenization + scoring, excluding load) and load_seconds (0.0 when
+    the evaluator was already cached).
+    """
+    torch, _ = _import_torch_transformers()
+    texts = list(texts)
+    if not texts:
+        raise ValueError("gen_ppl got no texts; pass the decoded samples (a non-empty list of str)")
+    if batch_size < 1 or chunk_size < 2:
+        raise ValueError(f"need batch_size ≥ 1 and chunk_size ≥ 2, got {batch_size} and {chunk_size}")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    hits = load_evaluator.cache_info().hits
+    tokenizer, model, load_seconds = load_evaluator(evaluator, device, dtype)
+    if load_evaluator.cache_info().hits > hits:
+        load_seconds = 0.0
+    config = model.config
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if context is not None and chunk_size > context:
+        raise ValueError(
+            f"chunk_size {chunk_size} exceeds the context of evaluator {evaluator!r} ({context} positions); "
+            f"pass chunk_size={context} or less"
+        )
+    eos_id = tokenizer.eos_token_id
+
+    start = time.perf_counter()
+    encoded = tokenizer(
+        texts,
+        truncation=max_length is not None,
+        max_length=max_length,
+        padding=False,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+    )["input_ids"]
+    rows = []  # (sample index, ids, counted mask)
+    for b, ids in enumerate(encoded):
+        rows += [(b, chunk, mask) for chunk, mask in _rows(list(ids), eos_id, chunk_size)]
+
+    sample_nll = np.zeros(len(texts), np.float64)
+    sample_tokens = np.zeros(len(texts), np.int64)
+    with torch.inference_mode():
+        for i in range(0, len(rows), batch_size):
+            batch = rows[i : i + batch_size]
+            width = max(len(ids) for _, ids, _ in batch)
+            # Right-padded with EOS (as the reference) under attention mask 0; pads are masked
+            # out of the count, and causal attention keeps real positions independent of them.
+            input_ids = torch.full((len(batch), width), eos_id, dtype=torch.long)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            counted = torch.zeros((len(batch), width), dtype=torch.bool)
+            for r, (_, ids, mask) in enumerate(batch):
+                input_ids[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+                attention[r, : len(ids)] = 1
+                counted[r, : len(ids)] = torch.tensor(mask, dtype=torch.bool)
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # position j-1 predicts token j
+            nll = -torch.gather(logp, -1, input_ids[:, 1:, None].to(device))[..., 0]  # (R, width-1)
+            nll = torch.where(counted[:, 1:].to(device), nll, 0.0).double().sum(-1).cpu().numpy()
+            for r, (b, _, mask) in enumerate(batch):
+                sample_nll[b] += nll[r]
+                sample_tokens[b] += sum(mask)
+    seconds = time.perf_counter() - start
+
+    nll_sum = float(sample_nll.sum())
+    num_tokens = int(sample_tokens.sum())
+    return {
+        "ppl": math.exp(nll_sum / num_tokens) if num_tokens else float("nan"),
+        "nll_sum": nll_sum,
+        "num_tokens": num_tokens,
+        "num_samples": len(texts),
+        "sample_nll": sample_nll,
+        "sample_tokens": sample_tokens,
+        "seconds": seconds,
+        "load_seconds": load_seconds,
+    }
+
+
+def unigram_entropy(token_ids) -> np.ndarray:
+    """Per-sample unigram entropy in nats (SPEC §8): H_b = -Σ_v p_bv log p_bv, where p_bv is
+    the frequency of token id v among the ids of sample b (the model's tokenizer ids).
+
+    `token_ids`: (B, L) integer array (numpy or jax), or B sequences of possibly different
+    lengths. Returns a float64 numpy array (B,); an empty sample has entropy 0.
+    """
+    if isinstance(token_ids, (list, tuple)):
+        samples = [np.asarray(s).reshape(-1) for s in token_ids]
+    else:
+        arr = np.asarray(token_ids)
+        if arr.ndim != 2:
+            raise ValueError(f"unigram_entropy expects token ids of shape (B, L), got shape {arr.shape}")
+        samples = list(arr)
+    out = np.zeros(len(samples), np.float64)
+    for b, s in enumerate(samples):
+        if s.size:
+            _, counts = np.unique(s, return_counts=True)
+            p = counts / counts.sum()
+            out[b] = float(-(p * np.log(p)).sum())
+    return out
