@@ -109,6 +109,9 @@ def test_wrap_by_hand():
     # Chunks of 3 documents: 1 2 3 0 4 0 5 6 7 8 0 → 3 blocks, remainder [8 0]... dropped.
     blocks = np.stack(list(prepare.wrap(docs, 5, bos=100, eos=101, separator=0, chunk_docs=3)))
     np.testing.assert_array_equal(blocks[:, 1:-1], [[1, 2, 3], [0, 4, 0], [5, 6, 7]])
+    # An empty document still contributes its separator: 1 0 | 0 | 2 0 → [1 0 0], remainder [2 0].
+    blocks = np.stack(list(prepare.wrap([[1], [], [2]], 5, bos=100, eos=101, separator=0)))
+    np.testing.assert_array_equal(blocks, [[100, 1, 0, 0, 101]])
     with pytest.raises(ValueError, match="at least 3"):
         list(prepare.wrap(docs, 2, 0, 0, 0))
 
@@ -177,8 +180,14 @@ def test_prepare_lm1b_from_mocked_tfds(tmp_path, bert_dir, bert):
 
     raw = {"train": _sentences(60, seed=1), "test": _sentences(30, seed=2)}
 
+    class Source(list):  # what tfds's ArrayRecord data source offers: len, [i], __getitems__
+        def __getitems__(self, keys):
+            return [self[k] for k in keys]
+
     def as_data_source(self, split, **kwargs):
-        return [{"text": s.encode()} for s in raw[split]]  # tfds yields bytes for Text features
+        return Source({"text": s.encode()} for s in raw[split])  # tfds yields bytes for Text
+
+    # (tfds.testing.mock_data's own random source breaks on __getitems__ in tfds 4.9.10.)
 
     with tfds.testing.mock_data(as_data_source_fn=as_data_source):
         for split in ("train", "test"):
@@ -302,3 +311,46 @@ def test_pipeline_errors(tmp_path, text_data):
         pipeline.make_dataset(out, "train", L, 8, vocab_size=50258)
     with pytest.raises(ValueError, match="fewer than one batch"):
         pipeline.make_dataset(out, "train", L, 10_000)
+
+
+def test_iterator_saved_with_orbax_beside_the_state(tmp_path, text_data):
+    """The iterator checkpoints through grain's Orbax handler next to the train state."""
+    import grain
+    import orbax.checkpoint as ocp
+
+    out, L = text_data["out"], text_data["seq_len"]
+    kwargs = dict(batch_size=2, seed=5)
+    it = pipeline.make_iterator(out, "train", L, **kwargs)
+    _take(it, 3)
+    state = {"step": np.asarray(3), "w": np.arange(4.0)}
+    with ocp.CheckpointManager(str(tmp_path / "ckpt")) as mngr:
+        mngr.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                             data=grain.checkpoint.CheckpointSave(it)))
+        mngr.wait_until_finished()
+    expected = _take(it, 4)
+    fresh = pipeline.make_iterator(out, "train", L, **kwargs)
+    with ocp.CheckpointManager(str(tmp_path / "ckpt")) as mngr:
+        restored = mngr.restore(3, args=ocp.args.Composite(state=ocp.args.StandardRestore(state),
+                                                           data=grain.checkpoint.CheckpointRestore(fresh)))
+    np.testing.assert_array_equal(restored["state"]["w"], state["w"])
+    for x, y in zip(expected, _take(fresh, 4), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_hub_parquet_download_is_checked(tmp_path, monkeypatch):
+    import huggingface_hub
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    repos = {"main": tmp_path / "main", "refs/convert/parquet": tmp_path / "conv"}
+    train = repos["refs/convert/parquet"] / "plain_text" / "train"
+    train.mkdir(parents=True)
+    repos["main"].mkdir()
+    (repos["main"] / "README.md").write_text("no parquet on main")
+    pq.write_table(pa.table({"text": ["a"]}), train / "0.parquet")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, revision, **kw: str(repos[revision]))
+    assert sources.hub_dataset_files("Skylion007/openwebtext") == str(repos["refs/convert/parquet"])
+    os.rename(train, train.parent / "partial-train")
+    with pytest.raises(ValueError, match="partial conversion"):
+        sources.hub_dataset_files("Skylion007/openwebtext")

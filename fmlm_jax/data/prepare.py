@@ -5,7 +5,7 @@ Run once per dataset and split; training reads the result with `fmlm_jax.data.pi
     # LM1B from a tfds ArrayRecord build (add --download to let tfds download and build it)
     python -m fmlm_jax.data.prepare --dataset=lm1b --split=train --seq-len=128 --out=data/lm1b
     python -m fmlm_jax.data.prepare --dataset=lm1b --split=test  --seq-len=128 --out=data/lm1b
-    # OpenWebText from local parquet/jsonl/txt files, or from the hub (--input=hf://Skylion007/openwebtext)
+    # OpenWebText from local parquet/jsonl/txt files, or the hub (--input=hf://Skylion007/openwebtext[@REV])
     python -m fmlm_jax.data.prepare --dataset=owt --split=train --seq-len=1024 --input=PATH --out=data/owt
     python -m fmlm_jax.data.prepare --dataset=owt --split=validation --seq-len=1024 --input=PATH \
         --out=data/owt
@@ -26,6 +26,7 @@ separator; a chunk of `chunk_docs` (1000) documents is concatenated and cut into
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -63,7 +64,9 @@ def wrap(token_lists: Iterable[list[int]], seq_len: int, bos: int, eos: int, sep
         raise ValueError(f"seq_len must be at least 3 (BOS, one token, EOS), got {seq_len}")
     inner = seq_len - 2
     for chunk in sources.chunked(token_lists, chunk_docs):
-        ids = np.fromiter((t for doc in chunk for t in (*doc, separator)), dtype=np.int64)
+        lengths = np.fromiter(map(len, chunk), np.int64, len(chunk))
+        flat = np.fromiter(itertools.chain.from_iterable(chunk), np.int64, int(lengths.sum()))
+        ids = np.insert(flat, np.cumsum(lengths), separator)  # each document followed by it
         n = len(ids) // inner
         if n == 0:
             continue

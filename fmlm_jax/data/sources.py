@@ -80,9 +80,14 @@ def lm1b_documents(split: str, data_dir: str | None = None, download: bool = Fal
             "Build it with `tfds build lm1b --file_format=array_record --data_dir=DIR` "
             "or pass --download to `python -m fmlm_jax.data.prepare`."
         ) from e
-    for i in range(len(source)):
-        text = _as_str(source[i]["text"])
-        yield lm1b_detokenize(text) if detokenize else text
+    n, step = len(source), 1000
+    for start in range(0, n, step):
+        keys = list(range(start, min(start + step, n)))
+        # __getitems__ reads a batch of records at once (tfds ArrayRecord sources have it).
+        records = source.__getitems__(keys) if hasattr(source, "__getitems__") else [source[i] for i in keys]
+        for record in records:
+            text = _as_str(record["text"])
+            yield lm1b_detokenize(text) if detokenize else text
 
 
 # --- local files -----------------------------------------------------------------------
@@ -150,13 +155,28 @@ def _count_file_documents(f: str, field: str) -> int:
     return 1
 
 
-def hub_dataset_files(repo_id: str = OWT_HUB_DATASET, revision: str = "refs/convert/parquet",
-                      cache_dir: str | None = None) -> str:
-    """Downloads the parquet files of a HF hub dataset; returns the local directory."""
+def hub_dataset_files(spec: str = OWT_HUB_DATASET, cache_dir: str | None = None) -> str:
+    """Downloads the parquet files of a HF hub dataset `REPO_ID[@REVISION]`; returns their directory.
+
+    Without a revision, tries `main`, then the hub's parquet conversion
+    (`refs/convert/parquet`). A partial conversion (the hub converts only the first few GB
+    of large datasets) is refused: it would silently shorten the training set.
+    """
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(repo_id, repo_type="dataset", revision=revision,
-                             allow_patterns=["*.parquet"], cache_dir=cache_dir)
+    repo_id, _, revision = spec.partition("@")
+    for rev in [revision] if revision else ["main", "refs/convert/parquet"]:
+        local = snapshot_download(repo_id, repo_type="dataset", revision=rev,
+                                  allow_patterns=["*.parquet"], cache_dir=cache_dir)
+        found = glob.glob(os.path.join(local, "**", "*.parquet"), recursive=True)
+        if any("partial" in os.path.relpath(f, local) for f in found):
+            raise ValueError(
+                f"the hub's parquet files of {repo_id}@{rev} are a partial conversion; download the "
+                "full dataset files yourself and pass their directory as --input"
+            )
+        if found:
+            return local
+    raise FileNotFoundError(f"no parquet files in hub dataset {spec!r}; pass a local directory as --input")
 
 
 def owt_documents(split: str, path: str, field: str = "text",
