@@ -354,3 +354,20 @@ def test_hub_parquet_download_is_checked(tmp_path, monkeypatch):
     os.rename(train, train.parent / "partial-train")
     with pytest.raises(ValueError, match="partial conversion"):
         sources.hub_dataset_files("Skylion007/openwebtext")
+
+
+def test_batches_feed_flm_loss(text_data):
+    """A pipeline batch is what flm_loss takes: a zero-init model has loss log K on it."""
+    import jax
+    import ml_collections
+    from conftest import tiny_model_config
+
+    from fmlm_jax.model import init_params
+    from fmlm_jax.objectives.flm import flm_loss
+
+    out, L = text_data["out"], text_data["seq_len"]
+    batch = next(pipeline.make_iterator(out, "train", L, batch_size=2, with_mask=True, vocab_size=30522))
+    cfg = tiny_model_config(vocab_size=30522, hidden_size=16, cond_dim=8, n_blocks=1, n_heads=2)
+    config = ml_collections.ConfigDict(dict(model=cfg, flm=dict(tau_min=0.0, tau_max=1.0)))
+    loss, _ = flm_loss(init_params(cfg, jax.random.key(0)), batch, jax.random.key(1), config)
+    np.testing.assert_allclose(float(loss), np.log(30522), rtol=1e-5)
