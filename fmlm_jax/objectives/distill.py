@@ -223,7 +223,7 @@ def distill_loss(params, batch: dict, rng: jax.Array, config, teacher_params=Non
     mask = batch.get("mask")
     mask = jnp.ones(tokens.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
     schedule = Schedule(vocab)
-    k_time, k_noise, k_student, k_target1, k_target2 = jax.random.split(rng, 5)
+    k_time, k_noise, k_diag, k_off, k_target1, k_target2 = jax.random.split(rng, 6)
 
     tau_s, tau_u, tau_t = sample_times(k_time, n, dc)
     s, u, t = schedule.tau_to_t(tau_s), schedule.tau_to_t(tau_u), schedule.tau_to_t(tau_t)
@@ -231,12 +231,14 @@ def distill_loss(params, batch: dict, rng: jax.Array, config, teacher_params=Non
     x_s = interpolant.noisy(tokens, s, eps)
     onehot = jax.nn.one_hot(tokens, vocab, dtype=jnp.float32)
 
-    student = _network(params, mc, train, k_student)
+    # Student passes in train mode; every call site has its own dropout key.
+    student_diag = _network(params, mc, train, k_diag)
+    student = _network(params, mc, train, k_off)
     teacher = (_network(teacher_params, teacher_config(mc), False, None)
                if dc.use_teacher else None)
-    target_params = ema_params if dc.use_ema_for_psd_target else params
     if dc.use_ema_for_psd_target and ema_params is None:
         raise ValueError("distill.use_ema_for_psd_target=True but no ema_params were given")
+    target_params = ema_params if dc.use_ema_for_psd_target else params
 
     def diag_rows(a):
         return a[:n_diag]
@@ -245,7 +247,7 @@ def distill_loss(params, batch: dict, rng: jax.Array, config, teacher_params=Non
         return a[n_diag:]
 
     # Diagonal rows: cross-entropy towards D_s (teacher) or the data one-hot.
-    log_diag = student(diag_rows(x_s), diag_rows(tau_s), diag_rows(tau_s))
+    log_diag = student_diag(diag_rows(x_s), diag_rows(tau_s), diag_rows(tau_s))
     if dc.use_teacher:
         diag_target = jnp.exp(teacher(diag_rows(x_s), diag_rows(tau_s), None))
     else:
@@ -269,8 +271,10 @@ def distill_loss(params, batch: dict, rng: jax.Array, config, teacher_params=Non
         if dc.rescale_offdiag_loss_psd:
             off_loss = off_loss * (((to - so) / (1.0 - so + interpolant.FLOW_MAP_EPS)) ** 2)[:, None]
     elif dc.method == "lsd":
-        use_teacher_d = dc.use_teacher and dc.use_teacher_for_D_t_lsd
-        d_t_net = (lambda x, a, b: teacher(x, a, None)) if use_teacher_d else student
+        if dc.use_teacher and dc.use_teacher_for_D_t_lsd:
+            d_t_net = lambda x, a, b: teacher(x, a, None)  # noqa: E731
+        else:  # the reference default: the student's own diagonal δ_{t,t}
+            d_t_net = _network(params, mc, train, k_target1)
         log_off, target = lsd_target(student, d_t_net, xo, ts_, tt_, so, to,
                                      schedule.dtau_dt(to), dc.entmax_temp_lsd)
         off_loss = -jnp.sum(target * log_off, axis=-1)
@@ -278,7 +282,7 @@ def distill_loss(params, batch: dict, rng: jax.Array, config, teacher_params=Non
         if dc.use_teacher:
             d_s = jnp.exp(teacher(xo, ts_, None))
         else:  # the student's own diagonal δ_{s,s} (the reference wrongly uses δ_{s,t})
-            d_s = jnp.exp(student(xo, ts_, ts_))
+            d_s = jnp.exp(_network(params, mc, train, k_target1)(xo, ts_, ts_))
         d_s = jax.lax.stop_gradient(d_s)
         delta, target = esd_target(student, d_s, xo, ts_, tt_, so, to, schedule.dtau_dt(so))
         off_loss = jnp.sum((delta - target) ** 2, axis=-1)
