@@ -304,7 +304,8 @@ def test_pipeline_errors(tmp_path, text_data):
         pipeline.make_dataset(missing, "train", 128, 8)
     msg = str(e.value)
     assert os.path.join(missing, "train") in msg
-    assert "python -m fmlm_jax.data.prepare --dataset=lm1b --split=train" in msg
+    cmd = f"python -m fmlm_jax.data.prepare --dataset=lm1b --split=train --seq-len=128 --out={missing}"
+    assert cmd in msg
     with pytest.raises(ValueError, match="prepared with seq_len 16.*--seq-len=128"):
         pipeline.make_dataset(out, "train", 128, 8)
     with pytest.raises(ValueError, match=r"\(vocab 30522\) but the model has vocab 50258"):

@@ -26,7 +26,7 @@ import numpy as np
 from fmlm_jax.data import prepare as prepare_lib
 
 
-def load_meta(data_dir: str, split: str) -> dict:
+def load_meta(data_dir: str, split: str, seq_len: int | str = "L") -> dict:
     """meta.json of a prepared split; a clear error naming the preparation command if absent."""
     split_dir = os.path.join(data_dir, split)
     meta_path = os.path.join(split_dir, "meta.json")
@@ -35,7 +35,7 @@ def load_meta(data_dir: str, split: str) -> dict:
         dataset = dataset if dataset in prepare_lib.DATASETS else "lm1b|owt|text"
         raise FileNotFoundError(
             f"no prepared data at {split_dir} (missing {meta_path}). Prepare it once with:\n  "
-            + prepare_lib.prepare_command(dataset, split, "L", data_dir)
+            + prepare_lib.prepare_command(dataset, split, seq_len, data_dir)
             + "\n(see `python -m fmlm_jax.data.prepare --help`)"
         )
     with open(meta_path) as f:
@@ -76,7 +76,7 @@ def make_dataset(data_dir: str, split: str, seq_len: int, batch_size: int, seed:
     checkpointable iterator (`get_state` / `set_state`). vocab_size, if given, must match
     the tokenizer the data was prepared with.
     """
-    meta = load_meta(data_dir, split)
+    meta = load_meta(data_dir, split, seq_len)
     split_dir = os.path.join(data_dir, split)
     if meta["seq_len"] != seq_len:
         raise ValueError(f"{split_dir} was prepared with seq_len {meta['seq_len']}, but seq_len {seq_len} "

@@ -53,8 +53,11 @@ DATASETS = {
 
 
 def prepare_command(dataset: str = "DATASET", split: str = "SPLIT", seq_len="L", out: str = "OUT") -> str:
-    return (f"python -m fmlm_jax.data.prepare --dataset={dataset} --split={split} "
-            f"--seq-len={seq_len} --out={out}")
+    cmd = f"python -m fmlm_jax.data.prepare --dataset={dataset} --split={split} --seq-len={seq_len}"
+    inputs = {"owt": "LOCAL_DIR_OR_hf://Skylion007/openwebtext", "text": "TEXT_FILES"}
+    if dataset in inputs:
+        cmd += f" --input={inputs[dataset]}"
+    return cmd + f" --out={out}"
 
 
 def wrap(token_lists: Iterable[list[int]], seq_len: int, bos: int, eos: int, separator: int,
