@@ -6,6 +6,9 @@
     batch = next(it)              # {'tokens': (B, L) int32}, what flm_loss takes
     state = it.get_state()        # a small JSON-able dict: save it with the model
     it.set_state(state)           # ... and restore it: the same batches follow
+    # With Orbax, beside the train state (tested in tests/test_data.py):
+    #   ocp.args.Composite(state=..., data=grain.checkpoint.CheckpointSave(it))      # save
+    #   ocp.args.Composite(state=..., data=grain.checkpoint.CheckpointRestore(it))   # restore
 
 Order: blocks → this process's shard (`ds[shard_index::shard_count]`) → global shuffle
 with `seed` (a different permutation each epoch, grain's `shuffle` before `repeat`) →
