@@ -40,3 +40,29 @@ def semigroup_weight(s: jax.Array, u: jax.Array, t: jax.Array) -> jax.Array:
 def velocity(x: jax.Array, denoised: jax.Array, t: jax.Array) -> jax.Array:
     """The interpolant's velocity v_t(x) = (D_t(x) − x)/(1 − t)."""
     return (denoised - x) / (1.0 - _rows(t, x))
+
+
+# ----------------------------------------------------------------------------- SPEC §10
+# The network sees x_t only through h = x_t·E (E: the (K, d) input matrix). Per token,
+# ε·E ~ N(0, EᵀE), so h can be drawn exactly in distribution from d-dimensional noise
+# without ever forming the (B, L, K) tensor.
+
+
+def projected_noise_factor(embedding: jax.Array) -> jax.Array:
+    """C (d, d), lower triangular, with C·Cᵀ = EᵀE for E (K, d) of full column rank."""
+    vocab, width = embedding.shape
+    if vocab < width:
+        raise ValueError(f"projected noise needs vocab_size >= hidden_size (EᵀE of full rank); got "
+                         f"K={vocab} < d={width}, where the dense path is cheaper anyway")
+    e = embedding.astype(jnp.float32)
+    gram = jnp.dot(e.T, e, precision=jax.lax.Precision.HIGHEST)
+    return jnp.linalg.cholesky(gram)
+
+
+def projected_noisy(tokens: jax.Array, t: jax.Array, eps_d: jax.Array,
+                    embedding: jax.Array) -> jax.Array:
+    """h_t = x_t·E in distribution: (1 − t)·ε̃·Cᵀ + t·E[x₁], ε̃ ~ N(0, I_d) (B, L, d)."""
+    factor = projected_noise_factor(embedding)
+    noise = jnp.einsum("bld,ed->ble", eps_d.astype(jnp.float32), factor)
+    t = _rows(t, noise)
+    return (1.0 - t) * noise + t * embedding.astype(jnp.float32)[tokens]

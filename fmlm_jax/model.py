@@ -306,17 +306,21 @@ class DiT(nn.Module):
         ]
         self.output_layer = FinalLayer(cfg.vocab_size, dtype, param_dtype)
 
-    def __call__(self, z, tau_s, tau_t=None, train: bool = False) -> jax.Array:
+    def __call__(self, z, tau_s, tau_t=None, train: bool = False, embedded: bool = False) -> jax.Array:
         """Raw logits (B, L, K), float32.
 
-        z: noisy one-hot vectors (B, L, K) (any float dtype) or token ids (B, L).
+        z: noisy one-hot vectors (B, L, K) (any float dtype) or token ids (B, L); with
+        `embedded=True`, the already projected input h = z·E (B, L, d) (SPEC §10).
         tau_s: network time τ_s (B,) or scalar. tau_t: the second time of a two-time
         model (required there); a one-time model given tau_t reuses `sigma_map` for it,
         as the reference does.
         """
         cfg = self.cfg
         dense_input = not jnp.issubdtype(z.dtype, jnp.integer)
-        if z.ndim != (3 if dense_input else 2) or (dense_input and z.shape[-1] != cfg.vocab_size):
+        if embedded:
+            if z.ndim != 3 or z.shape[-1] != cfg.hidden_size:
+                raise ValueError(f"embedded input must be (B, L, {cfg.hidden_size}), got {z.shape}")
+        elif z.ndim != (3 if dense_input else 2) or (dense_input and z.shape[-1] != cfg.vocab_size):
             raise ValueError(
                 f"z must be (B, L, {cfg.vocab_size}) floats or (B, L) token ids, got "
                 f"{z.shape} {z.dtype}"
@@ -334,7 +338,7 @@ class DiT(nn.Module):
         if cfg.learnable_loss_weighting and self.is_initializing():
             self.loss_weight(tau_s)  # create its parameters at init
 
-        h = self.vocab_embed(z)
+        h = z.astype(jnp.float32) if embedded else self.vocab_embed(z)
         rope = _rotary(cfg.hidden_size // cfg.n_heads, length)
         for block in self.blocks:
             h = block(h, c, rope, train)

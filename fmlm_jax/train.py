@@ -84,7 +84,7 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, config,
     ema_params = jax.tree_util.tree_map(
         lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params
     )
-    metrics = {**metrics, "grad_norm": optax.global_norm(grads)}
+    metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
     new_state = TrainState(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state)
     return new_state, metrics
 

@@ -32,27 +32,37 @@ def flm_loss(params, batch: dict, rng: jax.Array, config, train: bool = True):
 
     batch: {'tokens': (B, L) int32, optional 'mask': (B, L), 1 where the token counts}.
     config: needs `model` (a model config) and `flm.tau_min`, `flm.tau_max`.
-    Draws antithetic τ (B,) and ε (B, L, K), then calls `flm_loss_at`.
+    Draws antithetic τ (B,) and ε (B, L, K) — or, with `flm.projected_noise`, ε̃ (B, L, d)
+    for the projected input path of SPEC §10 — then calls `flm_loss_at`.
     Returns (loss, metrics).
     """
     tokens = batch["tokens"]
+    projected = bool(config.flm.get("projected_noise", False))
     k_tau, k_noise, k_dropout = jax.random.split(rng, 3)
     u = antithetic_uniform(k_tau, tokens.shape[0])
     tau = config.flm.tau_min + (config.flm.tau_max - config.flm.tau_min) * u
-    eps = jax.random.normal(k_noise, (*tokens.shape, config.model.vocab_size), jnp.float32)
-    return flm_loss_at(params, tokens, batch.get("mask"), tau, eps, k_dropout, config.model, train)
+    width = config.model.hidden_size if projected else config.model.vocab_size
+    eps = jax.random.normal(k_noise, (*tokens.shape, width), jnp.float32)
+    return flm_loss_at(params, tokens, batch.get("mask"), tau, eps, k_dropout, config.model, train,
+                       projected)
 
 
-def flm_loss_at(params, tokens, mask, tau, eps, dropout_rng, model_config, train: bool = True):
+def flm_loss_at(params, tokens, mask, tau, eps, dropout_rng, model_config, train: bool = True,
+                projected: bool = False):
     """The FLM loss for given times τ (B,) and noise ε (B, L, K): −log δ_τ(x_t)[x₁].
 
-    x_t = (1 − t)·ε + t·onehot(x₁) with t = T(τ); the network sees τ.
+    x_t = (1 − t)·ε + t·onehot(x₁) with t = T(τ); the network sees τ. With `projected`,
+    ε is (B, L, d) and the network gets h_t = x_t·E drawn in projected form (SPEC §10).
     """
     mask = jnp.ones(tokens.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
     t = Schedule(model_config.vocab_size).tau_to_t(tau)
-    x_t = interpolant.noisy(tokens, t, eps)
+    if projected:
+        net_input = interpolant.projected_noisy(tokens, t, eps, params["vocab_embed"]["embedding"])
+    else:
+        net_input = interpolant.noisy(tokens, t, eps)
     logits = model_lib.DiT(model_config).apply(
-        {"params": params}, x_t, tau, train=train, rngs={"dropout": dropout_rng}
+        {"params": params}, net_input, tau, train=train, rngs={"dropout": dropout_rng},
+        embedded=projected,
     )
     log_p = model_lib.log_probs(logits, model_config.get("output_cap", 30.0))
     nll, weighted = token_loss(params, model_config, log_p, tokens, tau)
