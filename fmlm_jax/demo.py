@@ -48,7 +48,7 @@ def run(config, log=print) -> dict:
             "the corpus; samples:")
         for row in ids[:3]:
             log("  " + tokenizer.decode(row))
-    return {"losses": losses, "valid_bigrams": quality}
+    return {"losses": losses, "valid_bigrams": quality, "params": state.ema_params}
 
 
 def main(argv):

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from fmlm_jax import interpolant
 from fmlm_jax import model as model_lib
 from fmlm_jax.schedule import Schedule
 
@@ -50,6 +51,42 @@ def _flm_sample(params, config, z0, num_steps):
     z = jax.lax.fori_loop(0, num_steps - 1, euler_step, z0.astype(jnp.float32))
     # The last step jumps to the denoiser's prediction: argmax D_{τ_{N−1}}(z).
     return jnp.argmax(_denoiser(params, config, z, tau[num_steps - 1]), axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "num_steps"))
+def _flm_sample_projected(params, config, eps0, num_steps):
+    tau, t = (jnp.asarray(a, jnp.float32) for a in flm_time_grid(config.vocab_size, num_steps))
+    embedding = params["vocab_embed"]["embedding"].astype(jnp.float32)
+    net = model_lib.DiT(config)
+
+    def denoiser(h, tau_i):
+        logits = net.apply({"params": params}, h, tau_i, embedded=True)
+        return jnp.exp(model_lib.log_probs(logits, config.output_cap))
+
+    def euler_step(i, h):  # the Euler update of z, carried as h = z·E
+        projected_denoised = jnp.einsum("blk,kd->bld", denoiser(h, tau[i]), embedding)
+        return h + (t[i + 1] - t[i]) * (projected_denoised - h) / (1.0 - t[i] + EULER_EPS)
+
+    h0 = jnp.einsum("bld,ed->ble", eps0.astype(jnp.float32),
+                    interpolant.projected_noise_factor(embedding))
+    h = jax.lax.fori_loop(0, num_steps - 1, euler_step, h0)
+    return jnp.argmax(denoiser(h, tau[num_steps - 1]), axis=-1).astype(jnp.int32)
+
+
+def flm_sample_projected(params, config, eps0: jax.Array, num_steps: int) -> jax.Array:
+    """The FLM Euler sampler in projected form (SPEC §10): token ids (B, L).
+
+    Starts from h₀ = ε̃·Cᵀ with ε̃ (B, L, d) ~ N(0, I), which has the law of z₀·E, and
+    carries h = z·E through the same updates, so no (B, L, K) noise state exists. Equal
+    in distribution to `flm_sample` (not sample by sample: the noise lives in d dims).
+    """
+    cfg = model_lib.resolve_config(config)
+    if eps0.ndim != 3 or eps0.shape[-1] != cfg.hidden_size:
+        raise ValueError(f"eps0 must be (B, L, {cfg.hidden_size}), got {tuple(eps0.shape)}")
+    if int(num_steps) < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    return _flm_sample_projected(params, ml_collections.FrozenConfigDict(cfg), jnp.asarray(eps0),
+                                 int(num_steps))
 
 
 def flm_sample(params, config, z0: jax.Array, num_steps: int) -> jax.Array:

@@ -4,9 +4,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 from conftest import tiny_model_config
 
-from fmlm_jax import demo, train
+from fmlm_jax import demo, sampling, train
 from fmlm_jax.data import synthetic
 
 
@@ -55,7 +56,8 @@ def test_train_step_updates_params_and_ema_by_the_formula():
     assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
 
 
-def test_demo_learns_the_synthetic_phrases():
+@pytest.fixture(scope="module")
+def demo_run():
     config = ml_collections.ConfigDict(
         dict(seed=0, data=dict(seq_len=12, batch_size=32),
              model=tiny_model_config(vocab_size=len(synthetic.WordTokenizer())),
@@ -64,7 +66,11 @@ def test_demo_learns_the_synthetic_phrases():
                         weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999, log_every=50),
              sample=dict(num_samples=64, steps=(16,)))
     )
-    result = demo.run(config, log=lambda *_: None)
+    return config, demo.run(config, log=lambda *_: None)
+
+
+def test_demo_learns_the_synthetic_phrases(demo_run):
+    config, result = demo_run
     losses = [loss for _, loss in result["losses"]]
     # The zero-initialised model starts at exactly log K (uniform prediction).
     assert losses[-1] < 0.5 * np.log(config.model.vocab_size)
@@ -86,3 +92,21 @@ def test_word_tokenizer_round_trips_and_rejects_unknown_words():
         assert "zebra" in str(err)
     else:
         raise AssertionError("unknown word accepted")
+
+
+def test_projected_sampler_agrees_in_distribution_with_dense(demo_run):
+    config, result = demo_run
+    tokenizer = synthetic.WordTokenizer()
+    shape = (512, config.data.seq_len)
+    z0 = jax.random.normal(jax.random.key(5), (*shape, config.model.vocab_size))
+    eps0 = jax.random.normal(jax.random.key(6), (*shape, config.model.hidden_size))
+    dense = sampling.flm_sample(result["params"], config.model, z0, 16)
+    projected = sampling.flm_sample_projected(result["params"], config.model, eps0, 16)
+    a = synthetic.valid_bigram_fraction(np.asarray(dense), tokenizer)
+    b = synthetic.valid_bigram_fraction(np.asarray(projected), tokenizer)
+    assert a > 0.15 and abs(a - b) < 0.06, (a, b)
+    # Unigram frequencies agree too (total variation distance).
+    vocab = config.model.vocab_size
+    pa = np.bincount(np.asarray(dense).ravel(), minlength=vocab) / dense.size
+    pb = np.bincount(np.asarray(projected).ravel(), minlength=vocab) / projected.size
+    assert 0.5 * np.abs(pa - pb).sum() < 0.08
