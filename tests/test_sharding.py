@@ -1,0 +1,215 @@
+"""Mesh, partition rules and the sharded train step (fmlm_jax.sharding).
+
+Multi-device checks run in a subprocess with 8 forced host (CPU) devices: XLA_FLAGS must be
+set before jax initialises, and this process has already imported jax with one device.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import pytest
+from jax.sharding import AxisType, PartitionSpec
+
+from fmlm_jax import sharding
+from fmlm_jax.model import model_config, param_shapes
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+GOLDEN = os.path.join(TESTS, "golden", "partition_specs_small.json")
+GOLDEN_MESH = {"data": 1, "fsdp": 8}
+
+# Runs with 8 CPU devices; prints one JSON line of results.
+MULTI_DEVICE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, time
+    import jax, jax.numpy as jnp, ml_collections, numpy as np
+    from conftest import randomize, tiny_model_config
+    from fmlm_jax import sharding, train
+
+    assert jax.device_count() == 8, jax.devices()
+    config = ml_collections.ConfigDict()
+    config.model = tiny_model_config(n_blocks=1)  # hidden 32 divides by 8, vocab 23 does not
+    config.flm = dict(tau_min=0.0, tau_max=1.0)
+    config.train = dict(lr=1e-3, warmup_steps=1, b1=0.9, b2=0.999, eps=1e-8,
+                        weight_decay=0.01, grad_clip=1e6, ema_decay=0.9999)
+    params = randomize(train.create_train_state(config, jax.random.key(0)).params,
+                       jax.random.key(1))
+    batch = {"tokens": jax.random.randint(jax.random.key(2), (8, 16), 0, 23)}
+    rng = jax.random.key(3)
+
+    def fresh():  # params given: no init, just copies (the steps donate the state)
+        return train.create_train_state(config, jax.random.key(0), params=params)
+
+    def host(tree):
+        return jax.tree_util.tree_map(np.asarray, tree)
+
+    out = {}
+    t0 = time.time()
+    with jax.default_device(jax.devices()[0]):
+        ref_state, ref_metrics = train.jit_train_step(config)(fresh(), batch, rng)
+    ref = host(ref_state)
+    out["1"] = {"loss": float(ref_metrics["loss"]), "grad_norm": float(ref_metrics["grad_norm"]),
+                "seconds": time.time() - t0}
+
+    for data, fsdp in [(8, 1), (4, 2), (1, 8)]:
+        t0 = time.time()
+        mesh = sharding.make_mesh(data, fsdp)
+        shapes = sharding.train_state_shapes(config)
+        state = sharding.place(fresh(), sharding.state_shardings(shapes, mesh))
+        step = sharding.shard_train_step(config, mesh)
+        new_state, metrics = step(state, sharding.place(batch, sharding.batch_sharding(mesh)), rng)
+        got = host(new_state)
+        diffs = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(a - b))), got, ref)
+        leaves = jax.tree_util.tree_leaves_with_path(new_state.params)
+        sharded = {
+            sharding.path_str(p): [str(x.sharding.spec), list(x.addressable_shards[0].data.shape),
+                                   list(x.shape)]
+            for p, x in leaves if x.addressable_shards[0].data.shape != x.shape
+        }
+        mu = new_state.opt_state[1][0].mu["vocab_embed"]["embedding"]
+        out[f"{data}x{fsdp}"] = {
+            "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
+            "max_param_diff": max(jax.tree_util.tree_leaves(diffs.params)),
+            "max_ema_diff": max(jax.tree_util.tree_leaves(diffs.ema_params)),
+            "max_opt_diff": max(jax.tree_util.tree_leaves(diffs.opt_state)),
+            "step": int(new_state.step), "sharded": sharded,
+            "mu_spec": str(mu.sharding.spec),
+            "batch_spec": str(sharding.batch_sharding(mesh).spec),
+            "axis_types": [str(t) for t in mesh.axis_types],
+            "donated": bool(state.params["vocab_embed"]["embedding"].is_deleted()),
+            "seconds": time.time() - t0,
+        }
+
+    errors = {}
+    for data, fsdp in [(3, 1), (-1, 3), (2, 2), (-1, -1), (0, 8)]:
+        try:
+            sharding.make_mesh(data, fsdp)
+            errors[f"{data}x{fsdp}"] = None
+        except ValueError as e:
+            errors[f"{data}x{fsdp}"] = str(e)
+    out["errors"] = errors
+    out["auto_shape"] = dict(sharding.make_mesh(-1, 2).shape)
+    out["subset_shape"] = dict(sharding.make_mesh(2, 2, devices=jax.devices()[:4]).shape)
+    print("RESULT " + json.dumps(out))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def multi_device():
+    # The two optimisation flags halve the compile time (4 compiles here) on CPU.
+    flags = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+             " --xla_llvm_disable_expensive_passes=true")
+    env = {**os.environ, "XLA_FLAGS": flags,
+           "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", MULTI_DEVICE_SCRIPT], env=env, cwd=TESTS,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+@pytest.mark.parametrize("mesh", ["8x1", "4x2", "1x8"])
+def test_sharded_train_step_matches_one_device(multi_device, mesh):
+    ref, got = multi_device["1"], multi_device[mesh]
+    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+    assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
+    assert got["step"] == 1
+    # One AdamW step moves each weight by ≈ lr = 1e-3; the meshes agree far below that.
+    assert got["max_param_diff"] < 1e-6
+    assert got["max_ema_diff"] < 1e-6
+    assert got["max_opt_diff"] < 1e-6
+    assert got["donated"]
+    assert got["axis_types"] == [str(AxisType.Auto)] * 2
+    assert got["batch_spec"] == str(PartitionSpec(("data", "fsdp")))
+
+
+def test_fsdp_really_shards_params_and_adam_moments(multi_device):
+    # data=8: parameters replicated; fsdp=2 and 8: the 'embed' dims split.
+    assert multi_device["8x1"]["sharded"] == {}
+    for mesh, n in [("4x2", 2), ("1x8", 8)]:
+        sharded = multi_device[mesh]["sharded"]
+        qkv_spec, qkv_shard, qkv_shape = sharded["blocks_0/attn_qkv/kernel"]
+        assert qkv_spec == str(PartitionSpec("fsdp", None))
+        assert qkv_shard == [qkv_shape[0] // n, qkv_shape[1]]
+        # vocab 23 is indivisible: the embedding is split along its width 32 instead.
+        emb_spec, emb_shard, emb_shape = sharded["vocab_embed/embedding"]
+        assert emb_spec == str(PartitionSpec(None, "fsdp")) and emb_shard == [23, 32 // n]
+        assert multi_device[mesh]["mu_spec"] == emb_spec  # Adam's moments follow the params
+
+
+def test_make_mesh_rejects_bad_shapes(multi_device):
+    errors = multi_device["errors"]
+    assert all(errors.values()), errors
+    assert "needs 3 devices but 8" in errors["3x1"]
+    assert "does not divide the 8 devices" in errors["-1x3"]
+    assert multi_device["auto_shape"] == {"data": 4, "fsdp": 2}
+    assert multi_device["subset_shape"] == {"data": 2, "fsdp": 2}
+
+
+def test_make_mesh_one_device():
+    mesh = sharding.make_mesh()
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 1}
+    assert mesh.axis_types == (AxisType.Auto, AxisType.Auto)
+    with pytest.raises(ValueError, match="needs 2 devices but 1"):
+        sharding.make_mesh(data=2)
+
+
+def test_indivisible_and_small_tensors_stay_replicated():
+    shapes = {"vocab_embed": {"embedding": jax.ShapeDtypeStruct((23, 36), "float32")},
+              "blocks_0": {"mlp_0": {"kernel": jax.ShapeDtypeStruct((36, 144), "float32"),
+                                     "bias": jax.ShapeDtypeStruct((144,), "float32")}}}
+    specs = sharding.param_partition_specs(shapes, {"data": 1, "fsdp": 8})
+    assert specs["vocab_embed"]["embedding"] == PartitionSpec(None, None)
+    assert specs["blocks_0"]["mlp_0"]["kernel"] == PartitionSpec(None, None)
+    assert specs["blocks_0"]["mlp_0"]["bias"] == PartitionSpec(None)
+    # Without a mesh: the rules' intent.
+    specs = sharding.param_partition_specs(shapes)
+    assert specs["vocab_embed"]["embedding"] == PartitionSpec(None, "fsdp")
+    # 'vocab' takes fsdp when the width cannot.
+    specs = sharding.param_partition_specs(
+        {"vocab_embed": {"embedding": jax.ShapeDtypeStruct((24, 36), "float32")}}, {"fsdp": 8})
+    assert specs["vocab_embed"]["embedding"] == PartitionSpec("fsdp", None)
+
+
+def small_model_specs() -> dict:
+    shapes = param_shapes(model_config("small", 30522))  # eval_shape: nothing allocated
+    specs = sharding.param_partition_specs(shapes, GOLDEN_MESH)
+    flat = jax.tree_util.tree_flatten_with_path(
+        specs, is_leaf=lambda x: isinstance(x, PartitionSpec))[0]
+    return {sharding.path_str(path): str(spec) for path, spec in flat}
+
+
+def test_partition_specs_match_golden_file():
+    """To regenerate after a deliberate change: FMLM_UPDATE_GOLDEN=1 pytest this test."""
+    specs = small_model_specs()
+    if os.environ.get("FMLM_UPDATE_GOLDEN"):
+        os.makedirs(os.path.dirname(GOLDEN), exist_ok=True)
+        with open(GOLDEN, "w") as f:
+            json.dump({"mesh": GOLDEN_MESH, "specs": specs}, f, indent=1, sort_keys=True)
+            f.write("\n")
+    with open(GOLDEN) as f:
+        golden = json.load(f)
+    assert golden["mesh"] == GOLDEN_MESH
+    assert specs == golden["specs"]
+
+
+def test_state_shardings_cover_the_train_state():
+    import ml_collections
+    from conftest import tiny_model_config
+
+    config = ml_collections.ConfigDict(dict(model=tiny_model_config(), flm=dict(tau_min=0.0, tau_max=1.0),
+                                            train=dict(lr=1e-3, warmup_steps=1, b1=0.9, b2=0.999,
+                                                       eps=1e-8, weight_decay=0.0, grad_clip=1.0,
+                                                       ema_decay=0.999)))
+    mesh = sharding.make_mesh()
+    shapes = sharding.train_state_shapes(config)
+    sh = sharding.state_shardings(shapes, mesh)
+    assert jax.tree_util.tree_structure(sh) == jax.tree_util.tree_structure(shapes)
+    assert sh.step.spec == PartitionSpec()
+    adam = sh.opt_state[1][0]
+    assert adam.count.spec == PartitionSpec()
+    assert adam.mu["blocks_0"]["attn_qkv"]["kernel"].spec == PartitionSpec("fsdp", None)
