@@ -12,6 +12,7 @@ import pytest
 from conftest import tiny_model_config
 
 from fmlm_jax import checkpoints, convert, train
+from fmlm_jax import model as model_lib
 from fmlm_jax.data import pipeline, prepare
 
 SEQ_LEN, BATCH, VOCAB = 8, 4, 23
@@ -43,11 +44,37 @@ def new_iterator(data_dir, config):
                                   vocab_size=config.model.vocab_size, num_threads=1, prefetch=2)
 
 
-def new_process(data_dir, config, init_seed=None):
-    """What a fresh process builds: step function, iterator at position 0, initial state."""
-    seed = config.seed if init_seed is None else init_seed
-    state = train.create_train_state(config, jax.random.key(seed))
+def new_process(data_dir, config, abstract=False):
+    """What a fresh process builds: step function, iterator at position 0, and the initial
+    state, or (abstract) its shapes placed on the default device: a template that allocates
+    nothing."""
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if abstract:
+        shapes = jax.eval_shape(lambda: train.create_train_state(config, jax.random.key(0)))
+        state = jax.tree_util.tree_map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
+    else:  # placed (committed) like restored arrays, so both processes compile one program
+        state = jax.device_put(train.create_train_state(config, jax.random.key(config.seed)), device)
     return train.jit_train_step(config), new_iterator(data_dir, config), state
+
+
+@pytest.fixture
+def compilation_cache(tmp_path):
+    """A persistent XLA cache for one test, as a restarted job on one machine would have
+    one: the rebuilt step function is retraced and relowered, its compilation read back."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    settings = {"jax_compilation_cache_dir": str(tmp_path / "xla_cache"),
+                "jax_persistent_cache_min_compile_time_secs": 0.0,
+                "jax_persistent_cache_min_entry_size_bytes": -1}
+    old = {name: getattr(jax.config, name) for name in settings}
+    cc.reset_cache()
+    for name, value in settings.items():
+        jax.config.update(name, value)
+    yield
+    for name, value in old.items():
+        jax.config.update(name, value)
+    cc.reset_cache()
 
 
 def run_steps(step_fn, state, it, rng, n):
@@ -73,7 +100,7 @@ def assert_trees_equal(a, b):
 
 
 # ------------------------------------------------------------------ exact resume
-def test_interrupted_run_resumes_exactly(tmp_path, data_dir):
+def test_interrupted_run_resumes_exactly(tmp_path, data_dir, compilation_cache):
     """12 steps uninterrupted (saving after step 5 on the way: async, and the next step
     donates the saved buffers) versus a new process that restores step 5 and runs 7 more:
     the same losses, params, EMA and optimizer state, bit for bit."""
@@ -92,8 +119,8 @@ def test_interrupted_run_resumes_exactly(tmp_path, data_dir):
     del step_fn, it, state, mngr
 
     # A new process: the step function rebuilt (retraced, recompiled), the iterator at
-    # position 0, a template initialised from another seed: everything must come back.
-    step_fn, it, template = new_process(data_dir, config, init_seed=123)
+    # position 0, an abstract template (shapes, dtypes, shardings): everything comes back.
+    step_fn, it, template = new_process(data_dir, config, abstract=True)
     mngr = checkpoints.open_manager(workdir)
     state, step = checkpoints.restore_latest(mngr, template, it, config)
     mngr.close()
@@ -194,13 +221,19 @@ def test_model_fingerprint():
 
 
 # ------------------------------------------------------------------ weights by path
-def test_load_weights_from_a_workdir_and_a_converted_directory(tmp_path, random_tiny_params):
+def random_params(model_config, seed):
+    """Host arrays of the model's parameter shapes (no eager jax init: fast)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(lambda s: rng.normal(size=s.shape).astype(s.dtype),
+                                  model_lib.param_shapes(model_config))
+
+
+def test_load_weights_from_a_workdir_and_a_converted_directory(tmp_path):
     config = run_config()
     model = config.model
-    raw = random_tiny_params(model, seed=0)
-    ema = random_tiny_params(model, seed=5)
-    state = train.TrainState(step=jnp.asarray(4, jnp.int32), params=raw, ema_params=ema,
-                             opt_state=train.make_optimizer(config.train).init(raw))
+    raw, ema = random_params(model, 0), random_params(model, 1)
+    state = train.TrainState(step=np.asarray(4, np.int32), params=raw, ema_params=ema,
+                             opt_state=(jax.tree_util.tree_map(np.zeros_like, raw),))
     workdir = tmp_path / "run"
     with checkpoints.open_manager(workdir) as mngr:
         checkpoints.save(mngr, 2, small_state(), config=run_config(hidden_size=64))
@@ -214,7 +247,7 @@ def test_load_weights_from_a_workdir_and_a_converted_directory(tmp_path, random_
     assert_trees_equal(params, raw)
 
     converted = tmp_path / "converted"
-    convert.save_orbax(converted, host(raw), host(ema), model, step=11)
+    convert.save_orbax(converted, raw, ema, model, step=11)
     for weights, expected in (("ema", ema), ("raw", raw)):
         params, cfg = checkpoints.load_weights(converted, weights)
         assert checkpoints.model_fingerprint(cfg) == checkpoints.model_fingerprint(model)
