@@ -175,10 +175,9 @@ def check_compatible(meta: dict, model_config, where: str = "the checkpoint") ->
 
 
 def _abstract(x):
+    """jax Arrays → structs keeping their sharding; numpy leaves stay (restored as numpy)."""
     if isinstance(x, jax.Array):
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-    if isinstance(x, np.ndarray | np.generic):
-        return jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
     return x
 
 
@@ -186,8 +185,9 @@ def restore_latest(manager: ocp.CheckpointManager, state_template, data_iterator
                    config=None) -> tuple[Any, int] | None:
     """(state, step) of the latest finalized step, or None when there is none (fresh start).
 
-    state_template: a TrainState (arrays or jax.ShapeDtypeStruct leaves) giving the
-    structure, dtypes and, for jax Arrays / structs with one, the shardings to restore to.
+    state_template: a TrainState giving the structure, dtypes and placement: jax Array
+    leaves (or jax.ShapeDtypeStruct with a sharding) restore as jax Arrays with that
+    sharding, numpy leaves as numpy arrays.
     data_iterator: restored in place to the saved position (the step must hold one).
     config: the run config; a step saved for another architecture raises ValueError.
     """

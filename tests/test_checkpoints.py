@@ -21,7 +21,7 @@ SEQ_LEN, BATCH, VOCAB = 8, 4, 23
 def run_config(**model_overrides):
     config = ml_collections.ConfigDict()
     config.seed = 7
-    config.model = tiny_model_config(dropout=0.1, **model_overrides)  # dropout: the rng matters
+    config.model = tiny_model_config(**{"dropout": 0.1, **model_overrides})  # dropout: rng matters
     config.flm = dict(tau_min=0.0, tau_max=1.0)
     config.data = dict(seq_len=SEQ_LEN, batch_size=BATCH)
     config.train = dict(num_steps=12, lr=3e-3, warmup_steps=3, b1=0.9, b2=0.999, eps=1e-8,
@@ -169,8 +169,12 @@ def test_latest_step_is_restored_and_interrupted_save_ignored(tmp_path):
         assert mngr.all_steps() == [3, 7]
         state, step = checkpoints.restore_latest(mngr, small_state(), config=config)
     assert step == 7 and int(state.step) == 7
+    assert isinstance(state.params["w"], jax.Array)
     np.testing.assert_array_equal(np.asarray(state.params["w"]), [7.0] * 3)
     np.testing.assert_array_equal(np.asarray(state.ema_params["w"]), [8.0] * 3)
+    with checkpoints.open_manager(workdir, read_only=True) as mngr:  # a numpy template
+        state, _ = checkpoints.restore_latest(mngr, host(small_state()))
+    assert isinstance(state.params["w"], np.ndarray) and state.params["w"][0] == 7.0
     # Opened for writing, the manager removes the leftover (in the background).
     checkpoints.open_manager(workdir).close()
     deadline = time.monotonic() + 10
@@ -191,6 +195,12 @@ def test_missing_workdir_is_a_fresh_start_but_another_runs_workdir_is_refused(tm
     msg = str(err.value)
     assert "hidden_size: saved 64, config 32" in msg and "n_blocks: saved 3, config 2" in msg
     assert "vocab_size" not in msg and "fresh --workdir" in msg
+    # Dropout and compute dtype are not architecture: such a run resumes.
+    with checkpoints.open_manager(tmp_path / "new") as mngr:
+        checkpoints.save(mngr, 2, small_state(2.0, 2), config=config)
+    resume = run_config(dropout=0.0, dtype="bfloat16")
+    with checkpoints.open_manager(tmp_path / "new") as mngr:
+        assert checkpoints.restore_latest(mngr, small_state(), config=resume)[1] == 2
 
 
 def test_metadata_records_fingerprint_config_and_seed(tmp_path):
