@@ -10,7 +10,8 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
 
-    config.data = ml_collections.ConfigDict(dict(seq_len=16, batch_size=64))
+    config.mode = "train"  # FLM; 'distill' for FMLM (fmlm_jax.main)
+    config.data = ml_collections.ConfigDict(dict(source="synthetic", seq_len=16, batch_size=64))
     config.model = model_config(
         "tiny", vocab_size=len(WordTokenizer()), hidden_size=64, cond_dim=32, n_blocks=2,
         n_heads=4, dropout=0.0,
@@ -20,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
         dict(
             num_steps=800, lr=2e-3, warmup_steps=50, b1=0.9, b2=0.999, eps=1e-8,
             weight_decay=0.0, grad_clip=1.0, ema_decay=0.9999, log_every=100,
+            save_every=200, keep_last=3, keep_every=0,
         )
     )
     config.sample = ml_collections.ConfigDict(dict(num_samples=256, steps=(1, 4, 16, 64)))

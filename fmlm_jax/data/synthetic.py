@@ -82,3 +82,21 @@ def batches(batch_size: int, seq_len: int, seed: int,
             buffer.extend(encoded[rng.integers(len(encoded))])
         block, buffer = buffer[:need], buffer[need:]
         yield {"tokens": np.asarray(block, np.int32).reshape(batch_size, seq_len)}
+
+
+def dataset(batch_size: int, seq_len: int, seed: int, tokenizer: WordTokenizer | None = None):
+    """The same corpus as a grain MapDataset of batches: batch i is drawn from the seed
+    (seed, i) alone, so the stream is random-access and its iterator checkpointable."""
+    import grain
+
+    tokenizer = tokenizer or WordTokenizer()
+    encoded = [[*tokenizer.encode(p), tokenizer.separator_id] for p in PHRASES]
+
+    def make_batch(index: int) -> dict:
+        rng = np.random.default_rng([seed, int(index)])
+        need, block = batch_size * seq_len, []
+        while len(block) < need:
+            block.extend(encoded[rng.integers(len(encoded))])
+        return {"tokens": np.asarray(block[:need], np.int32).reshape(batch_size, seq_len)}
+
+    return grain.MapDataset.range(2**31 - 1).map(make_batch)
