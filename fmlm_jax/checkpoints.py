@@ -203,7 +203,16 @@ def restore_latest(manager: ocp.CheckpointManager, state_template, data_iterator
     items = {"state": ocp.args.StandardRestore(target)}
     if data_iterator is not None:
         items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(**items))
+    except KeyError as err:
+        if data_iterator is None or '"data"' not in str(err):
+            raise
+        raise ValueError(
+            f"{manager.directory} step {step} holds no data-iterator state (it was saved "
+            "without data_iterator); restore with data_iterator=None and position the data "
+            "yourself"
+        ) from err
     return restored["state"], int(step)
 
 

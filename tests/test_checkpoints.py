@@ -4,6 +4,7 @@ weights by path (training workdir or converted directory)."""
 import os
 import time
 
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -201,6 +202,8 @@ def test_missing_workdir_is_a_fresh_start_but_another_runs_workdir_is_refused(tm
     resume = run_config(dropout=0.0, dtype="bfloat16")
     with checkpoints.open_manager(tmp_path / "new") as mngr:
         assert checkpoints.restore_latest(mngr, small_state(), config=resume)[1] == 2
+        with pytest.raises(ValueError, match="holds no data-iterator state"):
+            checkpoints.restore_latest(mngr, small_state(), iter(grain.MapDataset.range(3)))
 
 
 def test_metadata_records_fingerprint_config_and_seed(tmp_path):
