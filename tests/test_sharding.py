@@ -35,8 +35,9 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent(
     config.flm = dict(tau_min=0.0, tau_max=1.0)
     config.train = dict(lr=1e-3, warmup_steps=1, b1=0.9, b2=0.999, eps=1e-8,
                         weight_decay=0.01, grad_clip=1e6, ema_decay=0.9999)
-    params = randomize(train.create_train_state(config, jax.random.key(0)).params,
-                       jax.random.key(1))
+    shapes = sharding.train_state_shapes(config)
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes.params)
+    params = jax.jit(randomize)(zeros, jax.random.key(1))  # one compile, not one per leaf
     batch = {"tokens": jax.random.randint(jax.random.key(2), (8, 16), 0, 23)}
     rng = jax.random.key(3)
 
@@ -57,7 +58,6 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent(
     for data, fsdp in [(8, 1), (4, 2), (1, 8)]:
         t0 = time.time()
         mesh = sharding.make_mesh(data, fsdp)
-        shapes = sharding.train_state_shapes(config)
         state = sharding.place(fresh(), sharding.state_shardings(shapes, mesh))
         step = sharding.shard_train_step(config, mesh)
         new_state, metrics = step(state, sharding.place(batch, sharding.batch_sharding(mesh)), rng)
