@@ -4,7 +4,7 @@
 is `distill.teacher_path`). Re-running with the same workdir resumes.
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from fmlm_jax import train
@@ -18,6 +18,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise app.UsageError("pass --config=configs/NAME.py and --workdir=DIR")
+    logging.set_verbosity(logging.WARNING)  # progress is printed; library INFO logs are noise
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

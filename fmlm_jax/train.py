@@ -125,9 +125,9 @@ def make_data_iterator(config):
 
 
 def _teacher(config):
-    """The frozen FLM teacher's EMA weights for distillation, or None."""
+    """(the frozen FLM teacher's EMA weights, {'path', 'model_fingerprint'}) or (None, {})."""
     if config.get("mode", "train") != "distill" or not config.distill.use_teacher:
-        return None
+        return None, {}
     from fmlm_jax import checkpoints
     from fmlm_jax.objectives import distill as distill_lib
 
@@ -140,7 +140,9 @@ def _teacher(config):
         {"model_config": dict(teacher_cfg), "model_fingerprint":
          checkpoints.model_fingerprint(teacher_cfg)},
         distill_lib.teacher_config(config.model), where=f"the teacher at {path}")
-    return jax.tree_util.tree_map(jnp.asarray, params)
+    reference = {"path": os.path.abspath(path),
+                 "model_fingerprint": checkpoints.model_fingerprint(teacher_cfg)}
+    return jax.tree_util.tree_map(jnp.asarray, params), reference
 
 
 def train_and_evaluate(config, workdir: str, log=print) -> list[dict]:
@@ -154,7 +156,7 @@ def train_and_evaluate(config, workdir: str, log=print) -> list[dict]:
     os.makedirs(workdir, exist_ok=True)
     run_rng = jax.random.key(config.seed)
     init_rng, step_rng = jax.random.split(run_rng)
-    teacher = _teacher(config)
+    teacher, teacher_reference = _teacher(config)  # referenced by path + hash, never saved
     params = None
     if teacher is not None:
         params = distill_lib.init_student(teacher, config.model, init_rng)
@@ -198,7 +200,8 @@ def train_and_evaluate(config, workdir: str, log=print) -> list[dict]:
             log(f"step {step}: loss {values['loss']:.4f} ({rate:.2f} steps/s)")
             last_time, last_step = now, step
         if saving:
-            checkpoints.save(manager, step, state, data_iterator=data, config=config)
+            checkpoints.save(manager, step, state, data_iterator=data, config=config,
+                             metadata={"teacher": teacher_reference} if teacher_reference else None)
     manager.wait_until_finished()
     manager.close()
     return rows

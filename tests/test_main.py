@@ -61,6 +61,11 @@ def test_distillation_from_a_teacher_workdir(tmp_path):
     rows = train.train_and_evaluate(config, str(tmp_path / "student"), log=lambda *_: None)
     assert len(rows) == 4 and all(np.isfinite(r["train/loss"]) for r in rows)
     assert {"train/diag_loss", "train/offdiag_loss"} <= set(rows[0])
+    from fmlm_jax import checkpoints
+
+    meta = checkpoints.read_metadata(checkpoints.open_manager(tmp_path / "student", read_only=True))
+    assert meta["teacher"]["path"] == str(tmp_path / "teacher")
+    assert meta["teacher"]["model_fingerprint"] == checkpoints.model_fingerprint(loop_config(5).model)
     config.distill.teacher_path = ""
     with pytest.raises(ValueError, match="teacher_path"):
         train.train_and_evaluate(config, str(tmp_path / "other"), log=lambda *_: None)
