@@ -213,6 +213,15 @@ def train_state_shapes(config):
     return jax.eval_shape(lambda: train.create_train_state(config, jax.random.key(0)))
 
 
+def init_train_state(config, mesh: Mesh, rng: jax.Array):
+    """`train.create_train_state(config, rng)` created directly in its shardings on `mesh`
+    (no full copy of the parameters on one device first)."""
+    from fmlm_jax import train
+
+    shardings = state_shardings(train_state_shapes(config), mesh)
+    return jax.jit(lambda key: train.create_train_state(config, key), out_shardings=shardings)(rng)
+
+
 def shard_train_step(config, mesh: Mesh, teacher_params=None):
     """`train.train_step` jitted with explicit shardings on `mesh`, donating the state.
 

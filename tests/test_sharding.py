@@ -90,6 +90,16 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent(
             "seconds": time.time() - t0,
         }
 
+    mesh = sharding.make_mesh(1, 8)
+    direct = sharding.init_train_state(config, mesh, jax.random.key(0))
+    emb = direct.params["vocab_embed"]["embedding"]
+    with jax.default_device(jax.devices()[0]):
+        expected = train.create_train_state(config, jax.random.key(0)).params
+    out["init"] = {"spec": str(emb.sharding.spec), "shard": list(emb.addressable_shards[0].data.shape),
+                   "max_diff": max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+                       lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+                       direct.params, expected)))}
+
     errors = {}
     for data, fsdp in [(3, 1), (-1, 3), (2, 2), (-1, -1), (0, 8)]:
         try:
@@ -221,3 +231,9 @@ def test_state_shardings_cover_the_train_state():
     adam = sh.opt_state[1][0]
     assert adam.count.spec == PartitionSpec()
     assert adam.mu["blocks_0"]["attn_qkv"]["kernel"].spec == PartitionSpec("fsdp", None)
+
+
+def test_init_train_state_creates_the_state_sharded(multi_device):
+    init = multi_device["init"]
+    assert init["spec"] == str(PartitionSpec(None, "fsdp")) and init["shard"] == [23, 4]
+    assert init["max_diff"] == 0.0  # the same init as train.create_train_state
