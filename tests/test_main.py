@@ -43,6 +43,7 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
     assert [r["step"] for r in logged] == list(range(1, 13))
 
 
+@pytest.mark.slow  # tests/test_checkpoints.py covers the refusal without the loop's compile
 def test_a_workdir_of_another_architecture_is_refused(tmp_path):
     train.train_and_evaluate(loop_config(5), str(tmp_path), log=lambda *_: None)
     with pytest.raises(ValueError, match="hidden_size"):
