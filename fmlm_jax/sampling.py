@@ -28,49 +28,44 @@ def _check(config, z0, num_steps: int) -> ml_collections.FrozenConfigDict:
     return ml_collections.FrozenConfigDict(cfg)
 
 
-def _denoiser(params, config, z, tau_s, tau_t=None):
-    """δ = capped softmax of the network at times τ (scalars broadcast over the batch)."""
-    logits = model_lib.DiT(config).apply({"params": params}, z, tau_s, tau_t)
-    return jnp.exp(model_lib.log_probs(logits, config.output_cap))
-
-
 def flm_time_grid(vocab_size: int, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
     """τ_i = i/N and t_i = T(τ_i), i = 0..N (float64 host values, the reference spline)."""
     tau = np.arange(num_steps + 1, dtype=np.float64) / num_steps
     return tau, Schedule(vocab_size).tau_to_t(tau)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "num_steps"))
-def _flm_sample(params, config, z0, num_steps):
-    tau, t = (jnp.asarray(a, jnp.float32) for a in flm_time_grid(config.vocab_size, num_steps))
-
-    def euler_step(i, z):
-        denoised = _denoiser(params, config, z, tau[i])
-        return z + (t[i + 1] - t[i]) * (denoised - z) / (1.0 - t[i] + EULER_EPS)
-
-    z = jax.lax.fori_loop(0, num_steps - 1, euler_step, z0.astype(jnp.float32))
-    # The last step jumps to the denoiser's prediction: argmax D_{τ_{N−1}}(z).
-    return jnp.argmax(_denoiser(params, config, z, tau[num_steps - 1]), axis=-1).astype(jnp.int32)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "num_steps"))
-def _flm_sample_projected(params, config, eps0, num_steps):
+def _euler_sample(params, config, state0, num_steps, embedded: bool):
+    """The Euler loop on z (B, L, K), or on h = z·E (B, L, d) when `embedded` (SPEC §10):
+    every update is linear in z, so it carries over to h with δ replaced by δ·E."""
     tau, t = (jnp.asarray(a, jnp.float32) for a in flm_time_grid(config.vocab_size, num_steps))
     embedding = params["vocab_embed"]["embedding"].astype(jnp.float32)
     net = model_lib.DiT(config)
 
-    def denoiser(h, tau_i):
-        logits = net.apply({"params": params}, h, tau_i, embedded=True)
+    def denoiser(state, tau_i):
+        logits = net.apply({"params": params}, state, tau_i, embedded=embedded)
         return jnp.exp(model_lib.log_probs(logits, config.output_cap))
 
-    def euler_step(i, h):  # the Euler update of z, carried as h = z·E
-        projected_denoised = jnp.einsum("blk,kd->bld", denoiser(h, tau[i]), embedding)
-        return h + (t[i + 1] - t[i]) * (projected_denoised - h) / (1.0 - t[i] + EULER_EPS)
+    def euler_step(i, state):
+        target = denoiser(state, tau[i])
+        if embedded:
+            target = jnp.einsum("blk,kd->bld", target, embedding)
+        return state + (t[i + 1] - t[i]) * (target - state) / (1.0 - t[i] + EULER_EPS)
 
-    h0 = jnp.einsum("bld,ed->ble", eps0.astype(jnp.float32),
-                    interpolant.projected_noise_factor(embedding))
-    h = jax.lax.fori_loop(0, num_steps - 1, euler_step, h0)
-    return jnp.argmax(denoiser(h, tau[num_steps - 1]), axis=-1).astype(jnp.int32)
+    state = jax.lax.fori_loop(0, num_steps - 1, euler_step, state0.astype(jnp.float32))
+    # The last step jumps to the denoiser's prediction: argmax D_{τ_{N−1}}(z).
+    return jnp.argmax(denoiser(state, tau[num_steps - 1]), axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "num_steps"))
+def _flm_sample(params, config, z0, num_steps):
+    return _euler_sample(params, config, z0, num_steps, embedded=False)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "num_steps"))
+def _flm_sample_projected(params, config, eps0, num_steps):
+    factor = interpolant.projected_noise_factor(params["vocab_embed"]["embedding"])
+    h0 = jnp.einsum("bld,ed->ble", eps0.astype(jnp.float32), factor)  # the law of z₀·E
+    return _euler_sample(params, config, h0, num_steps, embedded=True)
 
 
 def flm_sample_projected(params, config, eps0: jax.Array, num_steps: int) -> jax.Array:

@@ -29,6 +29,7 @@ from torch_dit import (  # noqa: E402
     apply_ema,
     build_from_state_dict,
     load_reference_checkpoint,
+    random_model,
 )
 
 FIXTURES = os.path.join(TESTS, "fixtures")
@@ -145,13 +146,7 @@ def converted(tmp_path_factory):
 
 
 def random_torch_model(two_time, llw, seed=0, std=0.2):
-    torch.manual_seed(seed)
-    model = TorchDiT(VOCAB, HIDDEN, COND, HEADS, BLOCKS, two_time=two_time,
-                     learnable_loss_weighting=llw)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, std)
-    return model.eval()
+    return random_model(VOCAB, HIDDEN, COND, HEADS, BLOCKS, two_time, llw, seed, std)
 
 
 def random_params(cfg, seed=0, std=0.2):

@@ -37,7 +37,7 @@ except ImportError:  # torch is a test extra; the pure-JAX tests still run witho
 TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TESTS)
 if torch is not None:
-    from torch_dit import TorchDiT  # noqa: E402
+    from torch_dit import TorchDiT, random_model  # noqa: E402
 
 requires_torch = pytest.mark.skipif(torch is None, reason="needs torch (test extra)")
 
@@ -105,13 +105,7 @@ def random_params(cfg, seed=0, std=0.2):
 
 def torch_model(two_time, llw, seed=0, std=0.2):
     """A TorchDiT whose every parameter is redrawn from N(0, std²)."""
-    torch.manual_seed(seed)
-    model = TorchDiT(VOCAB, HIDDEN, COND, HEADS, BLOCKS, two_time=two_time,
-                     learnable_loss_weighting=llw)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, std)
-    return model.eval()
+    return random_model(VOCAB, HIDDEN, COND, HEADS, BLOCKS, two_time, llw, seed, std)
 
 
 def torch_state_dict(model):

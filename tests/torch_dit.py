@@ -275,3 +275,15 @@ def apply_ema(model: nn.Module, ema_list) -> nn.Module:
             raise ValueError(f"EMA shape {tuple(e.shape)} != param shape {tuple(p.shape)}")
         p.copy_(e.to(p.dtype))
     return model
+
+
+def random_model(vocab_size, hidden_size, cond_dim, n_heads, n_blocks, two_time=False,
+                 learnable_loss_weighting=False, seed=0, std=0.2) -> TorchDiT:
+    """A TorchDiT in eval mode whose every parameter (adaLN, output layer) is N(0, std²)."""
+    torch.manual_seed(seed)
+    model = TorchDiT(vocab_size, hidden_size, cond_dim, n_heads, n_blocks, two_time=two_time,
+                     learnable_loss_weighting=learnable_loss_weighting)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, std)
+    return model.eval()
