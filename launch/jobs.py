@@ -102,16 +102,18 @@ def sweep_points(module: ModuleType, sweep: bool) -> list[dict]:
 
 
 def build_jobs(config_path: str, workdir_root: str, sweep: bool = False,
-               overrides: Sequence[str] = ()) -> list[Job]:
+               overrides: Sequence[str] = (), prefix: str | None = None) -> list[Job]:
     """One Job per sweep point (one job without `sweep`), checked against the config's fields.
 
-    overrides: 'KEY=VALUE' strings applied to every job after the sweep point.
+    Job names (and workdirs below `workdir_root`) are PREFIX or PREFIX/POINT_NAME; PREFIX is
+    the config file's name unless given. overrides: 'KEY=VALUE' strings applied to every job
+    after the sweep point.
     """
     module = load_config_module(config_path)
     config = module.get_config()
     extra = dict(parse_override(o) for o in overrides)
     check_overrides(config, extra, config_path)
-    base = os.path.splitext(os.path.basename(config_path))[0]
+    base = prefix or os.path.splitext(os.path.basename(config_path))[0]
     jobs = []
     for point in sweep_points(module, sweep):
         check_overrides(config, point, f"{config_path} sweep()")
