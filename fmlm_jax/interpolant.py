@@ -66,3 +66,26 @@ def projected_noisy(tokens: jax.Array, t: jax.Array, eps_d: jax.Array,
     noise = jnp.einsum("bld,ed->ble", eps_d.astype(jnp.float32), factor)
     t = _rows(t, noise)
     return (1.0 - t) * noise + t * embedding.astype(jnp.float32)[tokens]
+
+
+def joint_noise_factors(embeddings: list[jax.Array]) -> list[jax.Array]:
+    """A_i (r, d_i) with (ε·E_1, …, ε·E_m) =ᵈ (ε̃·A_1, …, ε̃·A_m), ε̃ ~ N(0, I_r) (SPEC §10).
+
+    Several networks (student E_S, teacher E_T, EMA) must see the *same* ε: with the thin
+    QR [E_1 … E_m] = Q·R (Q: K × r orthonormal, r = min(K, Σd_i)), ε·E_i = (ε·Q)·(Qᵀ·E_i)
+    exactly, and ε·Q ~ N(0, I_r). QR, not a Cholesky of the Gram matrix, because the
+    student starts as a copy of the teacher (E_S = E_T: the Gram matrix is singular).
+    Q is held constant (stop_gradient), so the gradient into E_i is Q·(ε̃ᵀ·∂L/∂h): since
+    E[ε | ε·Q] = (ε·Q)·Qᵀ, it equals the dense path's gradient εᵀ·∂L/∂h in expectation,
+    and stays finite where the Gram matrix is singular.
+    """
+    stacked = jnp.concatenate([e.astype(jnp.float32) for e in embeddings], axis=1)
+    q, _ = jnp.linalg.qr(jax.lax.stop_gradient(stacked))
+    q = jax.lax.stop_gradient(q)
+    return [jnp.dot(q.T, e.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+            for e in embeddings]
+
+
+def lift(probs: jax.Array, embedding: jax.Array) -> jax.Array:
+    """A V-space vector (probabilities) (B, L, K) in projected form: δ·E (B, L, d)."""
+    return jnp.einsum("blk,kd->bld", probs, embedding.astype(jnp.float32))

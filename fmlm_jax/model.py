@@ -9,6 +9,7 @@ noisy one-hot sequence z (B, L, K) and network times τ (B,) to raw logits (B, L
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -99,6 +100,98 @@ def log_probs(logits: jax.Array, cap: float = OPTIONAL_DEFAULTS["output_cap"]) -
     """Capped log-softmax over the vocabulary: log δ = log_softmax(cap·tanh(logits/cap))."""
     logits = logits.astype(jnp.float32)
     return jax.nn.log_softmax(cap * jnp.tanh(logits / cap), axis=-1)
+
+
+# ----------------------------------------------------------------------------- fused output CE
+# The FLM loss needs only −log δ[x₁] per token, yet autodiff of log_probs keeps the (N, K)
+# logits, their tanh and log-softmax for the backward pass and builds a (N, K) scatter for
+# the gather. The fused form keeps the per-token log-sum-exp only and recomputes the capped
+# logits chunk by chunk in the backward pass, where softmax − onehot, the cap's derivative
+# and both matmuls fuse. Same math as log_probs; the reference computes it unfused.
+
+
+def _chunks(x: jax.Array, size: int) -> jax.Array:
+    """(N, ...) → (N/size, size, ...) after zero-padding N up to a multiple of size."""
+    pad = (-x.shape[0]) % size
+    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+    return x.reshape(x.shape[0] // size, size, *x.shape[1:])
+
+
+def _capped(x, kernel, bias, cap, dtype):
+    """Capped logits cap·tanh((x·W + b)/cap) in float32, and tanh itself (for the backward)."""
+    logits = jnp.dot(x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
+    th = jnp.tanh(logits.astype(jnp.float32) / cap)
+    return cap * th, th
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _fused_nll(x, kernel, bias, tokens, cap, chunk, dtype):
+    return _fused_nll_fwd(x, kernel, bias, tokens, cap, chunk, dtype)[0]
+
+
+def _fused_nll_fwd(x, kernel, bias, tokens, cap, chunk, dtype):
+    def one(_, xt):
+        xc, tc = xt
+        capped, _ = _capped(xc, kernel, bias, cap, dtype)
+        lse = jax.nn.logsumexp(capped, axis=-1)
+        target = jnp.take_along_axis(capped, tc[:, None], axis=-1)[:, 0]
+        return None, (lse - target, lse)
+
+    n = x.shape[0]
+    _, (nll, lse) = jax.lax.scan(one, None, (_chunks(x, chunk), _chunks(tokens, chunk)))
+    nll, lse = nll.reshape(-1)[:n], lse.reshape(-1)[:n]
+    return nll, (x, kernel, bias, tokens, lse)
+
+
+def _fused_nll_bwd(cap, chunk, dtype, residuals, g):
+    x, kernel, bias, tokens, lse = residuals
+    n, vocab = x.shape[0], kernel.shape[1]
+
+    def one(acc, xtlg):
+        xc, tc, lc, gc = xtlg
+        capped, th = _capped(xc, kernel, bias, cap, dtype)
+        onehot = tc[:, None] == jnp.arange(vocab, dtype=tc.dtype)[None, :]
+        d_capped = gc[:, None] * (jnp.exp(capped - lc[:, None]) - onehot)
+        d_logits = (d_capped * (1.0 - th * th)).astype(dtype)  # d(cap·tanh(l/cap))/dl
+        dk, db = acc
+        dk = dk + jnp.dot(xc.astype(dtype).T, d_logits, preferred_element_type=jnp.float32)
+        db = db + d_logits.astype(jnp.float32).sum(0)
+        dx = jnp.dot(d_logits, kernel.astype(dtype).T, preferred_element_type=jnp.float32)
+        return (dk, db), dx
+
+    acc0 = (jnp.zeros(kernel.shape, jnp.float32), jnp.zeros(bias.shape, jnp.float32))
+    xs = (_chunks(x, chunk), _chunks(tokens, chunk), _chunks(lse, chunk), _chunks(g, chunk))
+    (dk, db), dx = jax.lax.scan(one, acc0, xs)
+    dx = dx.reshape(-1, x.shape[1])[:n].astype(x.dtype)
+    return dx, dk.astype(kernel.dtype), db.astype(bias.dtype), None
+
+
+_fused_nll.defvjp(_fused_nll_fwd, _fused_nll_bwd)
+
+
+def capped_nll(features: jax.Array, kernel: jax.Array, bias: jax.Array, tokens: jax.Array,
+               cap: float = OPTIONAL_DEFAULTS["output_cap"], chunk_size: int = 0,
+               dtype: Any = jnp.float32) -> jax.Array:
+    """Per-token −log δ[x₁] (...,) of the output Linear, fused and chunked over tokens.
+
+    features (..., d): the final layer's modulated LN output (`DiT(..., features_only=True)`);
+    kernel (d, K), bias (K,): `output_layer/linear`; tokens (...,) int. Equals
+    −take(log_probs(features·W + b, cap), tokens) with the same compute dtype. chunk_size:
+    tokens per chunk (0: all at once); chunks bound the (chunk, K) temporaries.
+    """
+    if features.shape[:-1] != tokens.shape:
+        raise ValueError(f"features {features.shape} and tokens {tokens.shape} must agree on the "
+                         "leading (batch, length) axes")
+    if features.shape[-1] != kernel.shape[0] or kernel.shape[1:] != bias.shape:
+        raise ValueError(f"kernel {kernel.shape} and bias {bias.shape} do not fit features "
+                         f"{features.shape}: expected kernel (d, K) and bias (K,)")
+    lead = tokens.shape
+    x = features.reshape(-1, features.shape[-1])
+    n = x.shape[0]
+    chunk = n if chunk_size <= 0 else min(int(chunk_size), n)
+    nll = _fused_nll(x, kernel, bias, tokens.reshape(-1).astype(jnp.int32), float(cap), chunk,
+                     jnp.dtype(dtype))
+    return nll.reshape(lead)
 
 
 # ----------------------------------------------------------------------------- layers
@@ -258,13 +351,16 @@ class FinalLayer(nn.Module):
     param_dtype: Any
 
     @nn.compact
-    def __call__(self, h, c):
+    def __call__(self, h, c, features_only: bool = False):
         d = h.shape[-1]
         dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         mod = Linear(2 * d, zero_init=True, name="adaLN_modulation", **dense)(c)
         shift, scale = jnp.split(mod[:, None, :], 2, axis=-1)
         x = _modulate(_layer_norm("norm_final")(h), shift, scale)
-        return Linear(self.vocab_size, zero_init=True, name="linear", **dense)(x)
+        linear = Linear(self.vocab_size, zero_init=True, name="linear", **dense)
+        if features_only and not self.is_initializing():
+            return x  # the caller applies `linear` itself (fused cross-entropy)
+        return linear(x)
 
 
 def _as_batch_times(tau, batch: int, name: str) -> jax.Array:
@@ -306,8 +402,12 @@ class DiT(nn.Module):
         ]
         self.output_layer = FinalLayer(cfg.vocab_size, dtype, param_dtype)
 
-    def __call__(self, z, tau_s, tau_t=None, train: bool = False, embedded: bool = False) -> jax.Array:
+    def __call__(self, z, tau_s, tau_t=None, train: bool = False, embedded: bool = False,
+                 features_only: bool = False) -> jax.Array:
         """Raw logits (B, L, K), float32.
+
+        With `features_only`, the input (B, L, d) of the final Linear `output_layer/linear`
+        instead, for `capped_nll` (the fused output cross-entropy).
 
         z: noisy one-hot vectors (B, L, K) (any float dtype) or token ids (B, L); with
         `embedded=True`, the already projected input h = z·E (B, L, d) (SPEC §10).
@@ -342,6 +442,8 @@ class DiT(nn.Module):
         rope = _rotary(cfg.hidden_size // cfg.n_heads, length)
         for block in self.blocks:
             h = block(h, c, rope, train)
+        if features_only:
+            return self.output_layer(h, c, features_only=True)
         return self.output_layer(h, c).astype(jnp.float32)
 
     def loss_weight(self, tau_s) -> jax.Array:

@@ -1,6 +1,10 @@
 """Samplers (SPEC §6), each jit-compiled with its step loop inside.
 
-Runs are reproducible: the caller passes the initial noise z0 (B, L, K).
+Runs are reproducible: the caller passes the initial noise z0 (B, L, K). With
+`projected=True` (the config switch `flm.projected_noise`, SPEC §10) the caller passes
+z0 = ε̃ (B, L, d) instead; the samplers then carry h = z·E, whose updates are the same
+linear combinations with every probability vector δ replaced by δ·E and every Gaussian
+draw ξ by ε̃·Cᵀ (C·Cᵀ = EᵀE): equal in distribution, no (B, L, K) state.
 """
 
 from __future__ import annotations
@@ -19,13 +23,23 @@ from fmlm_jax.schedule import Schedule
 EULER_EPS = 1e-5  # the reference's guard in (D − z)/(1 − t + 1e-5)
 
 
-def _check(config, z0, num_steps: int) -> ml_collections.FrozenConfigDict:
+def _check(config, z0, num_steps: int, projected: bool = False) -> ml_collections.FrozenConfigDict:
     cfg = model_lib.resolve_config(config)
     if int(num_steps) < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    if z0.ndim != 3 or z0.shape[-1] != cfg.vocab_size:
-        raise ValueError(f"z0 must be (B, L, {cfg.vocab_size}), got {tuple(z0.shape)}")
+    width, what = (cfg.hidden_size, "hidden_size d (projected=True)") if projected else (
+        cfg.vocab_size, "vocab_size K")
+    if z0.ndim != 3 or z0.shape[-1] != width:
+        raise ValueError(f"z0 must be (B, L, {width}) with the {what}, got {tuple(z0.shape)}")
     return ml_collections.FrozenConfigDict(cfg)
+
+
+def _start(params, z0, projected: bool):
+    """The initial state: z0, or h0 = ε̃·Cᵀ (the law of z₀·E) when projected."""
+    if not projected:
+        return z0.astype(jnp.float32)
+    factor = interpolant.projected_noise_factor(params["vocab_embed"]["embedding"])
+    return jnp.einsum("bld,ed->ble", z0.astype(jnp.float32), factor)
 
 
 def flm_time_grid(vocab_size: int, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -52,46 +66,31 @@ def _euler_sample(params, config, state0, num_steps, embedded: bool):
         return state + (t[i + 1] - t[i]) * (target - state) / (1.0 - t[i] + EULER_EPS)
 
     state = jax.lax.fori_loop(0, num_steps - 1, euler_step, state0.astype(jnp.float32))
-    # The last step jumps to the denoiser's prediction: argmax D_{τ_{N−1}}(z).
-    return jnp.argmax(denoiser(state, tau[num_steps - 1]), axis=-1).astype(jnp.int32)
+    # The last step jumps to the denoiser's prediction: argmax D_{τ_{N−1}}(z), taken on the
+    # capped logits (softmax is monotone), which skips a (B, L, K) log-softmax and exp.
+    logits = net.apply({"params": params}, state, tau[num_steps - 1], embedded=embedded)
+    return jnp.argmax(config.output_cap * jnp.tanh(logits / config.output_cap), axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "num_steps"))
-def _flm_sample(params, config, z0, num_steps):
-    return _euler_sample(params, config, z0, num_steps, embedded=False)
+@functools.partial(jax.jit, static_argnames=("config", "num_steps", "projected"))
+def _flm_sample(params, config, z0, num_steps, projected):
+    return _euler_sample(params, config, _start(params, z0, projected), num_steps, embedded=projected)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "num_steps"))
-def _flm_sample_projected(params, config, eps0, num_steps):
-    factor = interpolant.projected_noise_factor(params["vocab_embed"]["embedding"])
-    h0 = jnp.einsum("bld,ed->ble", eps0.astype(jnp.float32), factor)  # the law of z₀·E
-    return _euler_sample(params, config, h0, num_steps, embedded=True)
-
-
-def flm_sample_projected(params, config, eps0: jax.Array, num_steps: int) -> jax.Array:
-    """The FLM Euler sampler in projected form (SPEC §10): token ids (B, L).
-
-    Starts from h₀ = ε̃·Cᵀ with ε̃ (B, L, d) ~ N(0, I), which has the law of z₀·E, and
-    carries h = z·E through the same updates, so no (B, L, K) noise state exists. Equal
-    in distribution to `flm_sample` (not sample by sample: the noise lives in d dims).
-    """
-    cfg = model_lib.resolve_config(config)
-    if eps0.ndim != 3 or eps0.shape[-1] != cfg.hidden_size:
-        raise ValueError(f"eps0 must be (B, L, {cfg.hidden_size}), got {tuple(eps0.shape)}")
-    if int(num_steps) < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    return _flm_sample_projected(params, ml_collections.FrozenConfigDict(cfg), jnp.asarray(eps0),
-                                 int(num_steps))
-
-
-def flm_sample(params, config, z0: jax.Array, num_steps: int) -> jax.Array:
+def flm_sample(params, config, z0: jax.Array, num_steps: int, projected: bool = False) -> jax.Array:
     """FLM Euler sampler (SPEC §6): token ids (B, L), deterministic given z0.
 
     For i < N−1: z ← z + (t_{i+1} − t_i)·(D_{τ_i}(z) − z)/(1 − t_i + 1e-5); then
-    argmax D_{τ_{N−1}}(z). N network evaluations.
+    argmax D_{τ_{N−1}}(z). N network evaluations. projected: z0 is ε̃ (B, L, d) and the
+    loop carries h = z·E (SPEC §10); equal in distribution, not sample by sample.
     """
-    frozen = _check(config, z0, num_steps)
-    return _flm_sample(params, frozen, jnp.asarray(z0), int(num_steps))
+    frozen = _check(config, z0, num_steps, projected)
+    return _flm_sample(params, frozen, jnp.asarray(z0), int(num_steps), bool(projected))
+
+
+def flm_sample_projected(params, config, eps0: jax.Array, num_steps: int) -> jax.Array:
+    """`flm_sample(..., projected=True)`: starts from ε̃ (B, L, d) ~ N(0, I)."""
+    return flm_sample(params, config, eps0, num_steps, projected=True)
 
 
 def fmlm_time_grid(vocab_size: int, num_steps: int, gamma: float) -> dict[str, np.ndarray]:
@@ -112,12 +111,19 @@ def fmlm_time_grid(vocab_size: int, num_steps: int, gamma: float) -> dict[str, n
                 t_tilde=t_tilde, tau_tilde=tau_tilde)
 
 
-def fmlm_loop(log_delta, z0: jax.Array, grid: dict, gamma: float, rng) -> jax.Array:
+def fmlm_loop(log_delta, z0: jax.Array, grid: dict, gamma: float, rng, lift=None,
+              noise=None) -> jax.Array:
     """The γ-sampler for any log-denoiser `log_delta(z, τ_s, τ_t)` → log δ (B, L, K).
 
     z̃ = ((1−t̃)/(1−s))·z + ((t̃−s)/(1−s))·δ; for γ > 0, z ← z̃ + (σ̃ − σ)·δ + γσ·ξ,
     which restores the interpolant's noise level σ at t⁺. The last step returns argmax δ.
+    For the projected form (SPEC §10): `lift(δ)` = δ·E and `noise(key, shape)` draws ξ·E;
+    by default the state is z itself and ξ ~ N(0, I).
     """
+    lift = (lambda d: d) if lift is None else lift
+    if noise is None:
+        def noise(key, shape):
+            return jax.random.normal(key, shape, jnp.float32)
     g = {k: jnp.asarray(v, jnp.float32) for k, v in grid.items()}
     num_steps = grid["tau_s"].shape[0]
     batch = z0.shape[0]
@@ -128,36 +134,48 @@ def fmlm_loop(log_delta, z0: jax.Array, grid: dict, gamma: float, rng) -> jax.Ar
         return jnp.exp(log_delta(z, tau_s, tau_t))
 
     def step(i, z):
-        delta = delta_at(i, z)
+        delta = lift(delta_at(i, z))
         s, t_tilde = g["s"][i], g["t_tilde"][i]
         z_tilde = ((1.0 - t_tilde) * z + (t_tilde - s) * delta) / (1.0 - s)
         if gamma == 0.0:
             return z_tilde
-        xi = jax.random.normal(jax.random.fold_in(rng, i), z.shape, z.dtype)
+        xi = noise(jax.random.fold_in(rng, i), z.shape)
         return z_tilde + (g["sigma_tilde"][i] - g["sigma"][i]) * delta + gamma * g["sigma"][i] * xi
 
     z = jax.lax.fori_loop(0, num_steps - 1, step, z0.astype(jnp.float32))
-    return jnp.argmax(delta_at(num_steps - 1, z), axis=-1).astype(jnp.int32)
+    last = num_steps - 1  # argmax δ = argmax log δ: no (B, L, K) exp on the last step
+    log_d = log_delta(z, jnp.full((batch,), g["tau_s"][last]), jnp.full((batch,), g["tau_tilde"][last]))
+    return jnp.argmax(log_d, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "num_steps", "gamma"))
-def _fmlm_sample(params, config, z0, rng, num_steps, gamma):
+@functools.partial(jax.jit, static_argnames=("config", "num_steps", "gamma", "projected"))
+def _fmlm_sample(params, config, z0, rng, num_steps, gamma, projected):
     def log_delta(z, tau_s, tau_t):
-        logits = model_lib.DiT(config).apply({"params": params}, z, tau_s, tau_t)
+        logits = model_lib.DiT(config).apply({"params": params}, z, tau_s, tau_t, embedded=projected)
         return model_lib.log_probs(logits, config.output_cap)
 
     grid = fmlm_time_grid(config.vocab_size, num_steps, gamma)
-    return fmlm_loop(log_delta, z0, grid, gamma, rng)
+    if not projected:
+        return fmlm_loop(log_delta, z0, grid, gamma, rng)
+    embedding = params["vocab_embed"]["embedding"]
+    factor = interpolant.projected_noise_factor(embedding)
+
+    def noise(key, shape):  # ξ·E ~ N(0, EᵀE) per token, drawn as ε̃·Cᵀ
+        return jnp.einsum("bld,ed->ble", jax.random.normal(key, shape, jnp.float32), factor)
+
+    return fmlm_loop(log_delta, _start(params, z0, True), grid, gamma, rng,
+                     lift=lambda d: interpolant.lift(d, embedding), noise=noise)
 
 
 def fmlm_sample(params, config, z0: jax.Array, num_steps: int, gamma: float = 0.0,
-                rng: jax.Array | None = None) -> jax.Array:
+                rng: jax.Array | None = None, projected: bool = False) -> jax.Array:
     """FMLM γ-sampler (SPEC §6): token ids (B, L) from a two-time model.
 
     N network evaluations; one step is argmax δ_{0,1}(z0). γ ∈ [0, 1] re-injects noise
     between steps (reference evaluation: 0.8 on LM1B, 1.0 on OWT) and then needs `rng`.
+    projected: z0 is ε̃ (B, L, d) and the loop carries h = z·E (SPEC §10).
     """
-    frozen = _check(config, z0, num_steps)
+    frozen = _check(config, z0, num_steps, projected)
     if not frozen.two_time:
         raise ValueError("fmlm_sample needs a two-time model (two_time=True); use flm_sample "
                          "for an FLM")
@@ -166,4 +184,5 @@ def fmlm_sample(params, config, z0: jax.Array, num_steps: int, gamma: float = 0.
     if gamma > 0.0 and num_steps > 1 and rng is None:
         raise ValueError("gamma > 0 draws fresh noise between steps: pass rng=jax.random.key(...)")
     rng = jax.random.key(0) if rng is None else rng  # unused when no noise is drawn
-    return _fmlm_sample(params, frozen, jnp.asarray(z0), rng, int(num_steps), float(gamma))
+    return _fmlm_sample(params, frozen, jnp.asarray(z0), rng, int(num_steps), float(gamma),
+                        bool(projected))

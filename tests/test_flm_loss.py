@@ -75,7 +75,7 @@ def test_times_are_drawn_in_the_configured_range(monkeypatch, random_tiny_params
     cfg = tiny_model_config()
     seen = {}
 
-    def spy(params, tokens, mask, tau, eps, dropout_rng, model_config, train=True, projected=False):
+    def spy(params, tokens, mask, tau, eps, dropout_rng, model_config, *args):
         seen["tau"], seen["eps"] = tau, eps
         return jnp.zeros(()), {}
 

@@ -90,15 +90,25 @@ def _rows(v):
     return v[:, None, None]
 
 
+def _identity(delta):
+    return delta
+
+
+def _flow_map(x, delta, s, t, lift):
+    """X_{s,t} on a state: an array z (B, L, K), or a dict of projected forms z·E_i (SPEC §10)."""
+    return jax.tree_util.tree_map(lambda xi, di: interpolant.flow_map(xi, di, s, t), x, lift(delta))
+
+
 def psd_target(log_delta: LogDenoiser, x_s, tau_s, tau_u, tau_t, s, u, t,
-               second_pass: LogDenoiser | None = None) -> jax.Array:
+               second_pass: LogDenoiser | None = None, lift=_identity) -> jax.Array:
     """Semigroup target δ̄ = λ·δ_{s,u}(x_s) + (1−λ)·δ_{u,t}(X_{s,u}(x_s)) (no gradient).
 
     `second_pass` (default: log_delta) evaluates δ_{u,t}; the loss passes the same
-    weights with another dropout key.
+    weights with another dropout key. `lift` maps a probability vector into the state's
+    form (identity for dense states; δ ↦ {i: δ·E_i} for projected ones).
     """
     a = jnp.exp(log_delta(x_s, tau_s, tau_u))
-    y = interpolant.flow_map(x_s, a, s, u)
+    y = _flow_map(x_s, a, s, u, lift)
     b = jnp.exp((second_pass or log_delta)(y, tau_u, tau_t))
     lam = _rows(interpolant.semigroup_weight(s, u, t))
     return jax.lax.stop_gradient(lam * a + (1.0 - lam) * b)
@@ -119,7 +129,7 @@ def dlog_delta_along_flow(log_delta: LogDenoiser, x_s, tau_s, tau_t, dtau_dt_s, 
 
 
 def lsd_target(log_delta: LogDenoiser, denoiser_t: LogDenoiser, x_s, tau_s, tau_t, s, t,
-               dtau_dt_t, temperature: float = 1.0):
+               dtau_dt_t, temperature: float = 1.0, lift=_identity):
     """Lagrangian distillation: (log δ_{s,t}(x_s) with gradient, target δ̄).
 
     ∂_tδ = δ ⊙ ∂P/∂τ_t · dτ/dt(t), P = log δ_{s,t}(x_s);
@@ -129,21 +139,21 @@ def lsd_target(log_delta: LogDenoiser, denoiser_t: LogDenoiser, x_s, tau_s, tau_
     log_p, dlog_p_dtau = dlog_delta_dtau_t(log_delta, x_s, tau_s, tau_t)
     delta = jax.lax.stop_gradient(jnp.exp(log_p))
     d_delta_dt = delta * jax.lax.stop_gradient(dlog_p_dtau) * _rows(dtau_dt_t)
-    x_t = interpolant.flow_map(x_s, delta, s, t)
+    x_t = _flow_map(x_s, delta, s, t, lift)
     d_t = jnp.exp(denoiser_t(x_t, tau_t, tau_t))
     coeff = (t - s) * (1.0 - t) / (1.0 - s + interpolant.FLOW_MAP_EPS)
     raw = d_t - _rows(coeff) * d_delta_dt
     return log_p, jax.lax.stop_gradient(sparsemax(raw / temperature))
 
 
-def esd_target(log_delta: LogDenoiser, d_s, x_s, tau_s, tau_t, s, t, dtau_dt_s):
+def esd_target(log_delta: LogDenoiser, d_s, x_s, tau_s, tau_t, s, t, dtau_dt_s, lift=_identity):
     """Eulerian distillation: (δ_{s,t}(x_s) with gradient, target δ̄).
 
     δ̄ = D_s + ((1−s)(t−s)/(1−t))·δ ⊙ d/ds log δ along the flow v_s = (D_s − x_s)/(1−s).
     Rows with t = 1 have no finite target (the coefficient divides by 1 − t): callers
     must mask them out (see `distill_loss`); their coefficient is set to 0 here.
     """
-    velocity = interpolant.velocity(x_s, d_s, s)
+    velocity = jax.tree_util.tree_map(lambda xi, di: interpolant.velocity(xi, di, s), x_s, lift(d_s))
     log_p, dlog_p_ds = dlog_delta_along_flow(log_delta, x_s, tau_s, tau_t, dtau_dt_s, velocity)
     delta = jnp.exp(log_p)
     finite = t < 1.0
@@ -184,19 +194,54 @@ def init_student(teacher_params, student_config, rng: jax.Array) -> dict:
     return params
 
 
-def _network(params, model_config, train: bool, rng: jax.Array | None) -> LogDenoiser:
-    """log δ of the network as a LogDenoiser (fresh dropout key per call site)."""
+def _network(params, model_config, train: bool, rng: jax.Array | None,
+             space: str | None = None) -> LogDenoiser:
+    """log δ of the network as a LogDenoiser (fresh dropout key per call site).
+
+    space: None for dense states z (B, L, K); else the key of this network's projected
+    form z·E in a dict state (SPEC §10).
+    """
     net = model_lib.DiT(model_config)
     cap = model_lib.resolve_config(model_config).output_cap
     two_time = model_config.two_time
 
     def log_delta(x, tau_s, tau_t):
         rngs = {"dropout": rng} if (train and rng is not None) else None
+        x = x if space is None else x[space]
         logits = net.apply({"params": params}, x, tau_s, tau_t if two_time else None,
-                           train=train, rngs=rngs)
+                           train=train, rngs=rngs, embedded=space is not None)
         return model_lib.log_probs(logits, cap)
 
     return log_delta
+
+
+def projected_noise_enabled(config) -> bool:
+    """The one switch for the projected-noise path (SPEC §10): `config.flm.projected_noise`."""
+    flm = config.get("flm") if hasattr(config, "get") else None
+    return bool(flm.get("projected_noise", False)) if flm is not None else False
+
+
+def _noisy_state(tokens, s, rng, nets: dict, vocab: int, projected: bool):
+    """(x_s, lift): x_s = (1−s)·ε + s·onehot(x₁) as one dense (N, L, K) array, or with
+    `projected` as {name: x_s·E_name} for each network in `nets`, drawn jointly from
+    ε̃ ~ N(0, I_r) through `interpolant.joint_noise_factors`. lift(δ) puts a probability
+    vector in the same form (identity, or {name: δ·E_name})."""
+    if not projected:
+        eps = jax.random.normal(rng, (*tokens.shape, vocab), jnp.float32)
+        return interpolant.noisy(tokens, s, eps), _identity
+    embeddings = {name: p["vocab_embed"]["embedding"].astype(jnp.float32) for name, p in nets.items()}
+    factors = dict(zip(embeddings, interpolant.joint_noise_factors(list(embeddings.values())),
+                       strict=True))
+    width = next(iter(factors.values())).shape[0]
+    eps = jax.random.normal(rng, (*tokens.shape, width), jnp.float32)
+    rows = s[:, None, None]
+    x_s = {name: (1.0 - rows) * jnp.einsum("blr,rd->bld", eps, factors[name])
+           + rows * embeddings[name][tokens] for name in embeddings}
+
+    def lift(delta):
+        return {name: interpolant.lift(delta, e) for name, e in embeddings.items()}
+
+    return x_s, lift
 
 
 def distill_loss(params, batch: dict, rng: jax.Array, config, teacher_params=None,
@@ -206,10 +251,11 @@ def distill_loss(params, batch: dict, rng: jax.Array, config, teacher_params=Non
     config: `model` (the two-time student) and `distill` (method, use_teacher,
     diagonal_fraction, boundary_prob, offdiag_sampling, use_mse_loss_psd,
     rescale_offdiag_loss_psd, use_ema_for_psd_target, use_teacher_for_D_t_lsd,
-    entmax_temp_lsd). teacher_params: the FLM teacher's EMA weights, required when
-    distill.use_teacher (otherwise self-distillation: data one-hots as diagonal
-    targets and the student's own diagonal as D). ema_params: needed for
-    use_ema_for_psd_target.
+    entmax_temp_lsd); optional `flm.projected_noise` (default False): the projected-noise
+    path of SPEC §10 for student, teacher and targets. teacher_params: the FLM teacher's
+    EMA weights, required when distill.use_teacher (otherwise self-distillation: data
+    one-hots as diagonal targets and the student's own diagonal as D). ema_params:
+    needed for use_ema_for_psd_target.
     """
     dc, mc = config.distill, config.model
     if dc.method not in METHODS:
@@ -224,35 +270,43 @@ def distill_loss(params, batch: dict, rng: jax.Array, config, teacher_params=Non
     mask = jnp.ones(tokens.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
     schedule = Schedule(vocab)
     k_time, k_noise, k_diag, k_off, k_target1, k_target2 = jax.random.split(rng, 6)
+    if dc.use_ema_for_psd_target and ema_params is None:
+        raise ValueError("distill.use_ema_for_psd_target=True but no ema_params were given")
+    ema_target = dc.method == "psd" and dc.use_ema_for_psd_target
+    target_params = ema_params if ema_target else params
 
     tau_s, tau_u, tau_t = sample_times(k_time, n, dc)
     s, u, t = schedule.tau_to_t(tau_s), schedule.tau_to_t(tau_u), schedule.tau_to_t(tau_t)
-    eps = jax.random.normal(k_noise, (n, length, vocab), jnp.float32)
-    x_s = interpolant.noisy(tokens, s, eps)
-    onehot = jax.nn.one_hot(tokens, vocab, dtype=jnp.float32)
+    # The networks' inputs: x_s (N, L, K), or with flm.projected_noise its projected form
+    # x_s·E_i for each network i that reads it (student, teacher, EMA), drawn jointly.
+    nets = {"student": params}
+    if dc.use_teacher:
+        nets["teacher"] = teacher_params
+    if ema_target:
+        nets["ema"] = ema_params
+    x_s, lift = _noisy_state(tokens, s, k_noise, nets, vocab, projected_noise_enabled(config))
+    space = (lambda name: name) if isinstance(x_s, dict) else (lambda name: None)
 
     # Student passes in train mode; every call site has its own dropout key.
-    student_diag = _network(params, mc, train, k_diag)
-    student = _network(params, mc, train, k_off)
-    teacher = (_network(teacher_params, teacher_config(mc), False, None)
+    student_diag = _network(params, mc, train, k_diag, space("student"))
+    student = _network(params, mc, train, k_off, space("student"))
+    teacher = (_network(teacher_params, teacher_config(mc), False, None, space("teacher"))
                if dc.use_teacher else None)
-    if dc.use_ema_for_psd_target and ema_params is None:
-        raise ValueError("distill.use_ema_for_psd_target=True but no ema_params were given")
-    target_params = ema_params if dc.use_ema_for_psd_target else params
+    target_space = space("ema" if ema_target else "student")
 
     def diag_rows(a):
-        return a[:n_diag]
+        return jax.tree_util.tree_map(lambda v: v[:n_diag], a)
 
     def off_rows(a):
-        return a[n_diag:]
+        return jax.tree_util.tree_map(lambda v: v[n_diag:], a)
 
     # Diagonal rows: cross-entropy towards D_s (teacher) or the data one-hot.
     log_diag = student_diag(diag_rows(x_s), diag_rows(tau_s), diag_rows(tau_s))
     if dc.use_teacher:
-        diag_target = jnp.exp(teacher(diag_rows(x_s), diag_rows(tau_s), None))
-    else:
-        diag_target = diag_rows(onehot)
-    diag_loss = -jnp.sum(jax.lax.stop_gradient(diag_target) * log_diag, axis=-1)  # (n_diag, L)
+        diag_target = jax.lax.stop_gradient(jnp.exp(teacher(diag_rows(x_s), diag_rows(tau_s), None)))
+        diag_loss = -jnp.sum(diag_target * log_diag, axis=-1)  # (n_diag, L)
+    else:  # −Σ onehot·log δ = −log δ[x₁], without a (B, L, K) one-hot
+        diag_loss = -jnp.take_along_axis(log_diag, diag_rows(tokens)[..., None], axis=-1)[..., 0]
 
     # Off-diagonal and boundary rows: the method's target.
     xo, ts_, tu_, tt_ = off_rows(x_s), off_rows(tau_s), off_rows(tau_u), off_rows(tau_t)
@@ -260,9 +314,9 @@ def distill_loss(params, batch: dict, rng: jax.Array, config, teacher_params=Non
     off_mask = off_rows(mask)
     if dc.method == "psd":
         # Two target passes, each with its own dropout mask (train mode, no gradient).
-        first = _network(target_params, mc, train, k_target1)
-        second = _network(target_params, mc, train, k_target2)
-        target = psd_target(first, xo, ts_, tu_, tt_, so, uo, to, second_pass=second)
+        first = _network(target_params, mc, train, k_target1, target_space)
+        second = _network(target_params, mc, train, k_target2, target_space)
+        target = psd_target(first, xo, ts_, tu_, tt_, so, uo, to, second_pass=second, lift=lift)
         log_off = student(xo, ts_, tt_)
         if dc.use_mse_loss_psd:
             off_loss = jnp.sum((jnp.exp(log_off) - target) ** 2, axis=-1)
@@ -274,17 +328,18 @@ def distill_loss(params, batch: dict, rng: jax.Array, config, teacher_params=Non
         if dc.use_teacher and dc.use_teacher_for_D_t_lsd:
             d_t_net = lambda x, a, b: teacher(x, a, None)  # noqa: E731
         else:  # the reference default: the student's own diagonal δ_{t,t}
-            d_t_net = _network(params, mc, train, k_target1)
+            d_t_net = _network(params, mc, train, k_target1, space("student"))
         log_off, target = lsd_target(student, d_t_net, xo, ts_, tt_, so, to,
-                                     schedule.dtau_dt(to), dc.entmax_temp_lsd)
+                                     schedule.dtau_dt(to), dc.entmax_temp_lsd, lift=lift)
         off_loss = -jnp.sum(target * log_off, axis=-1)
     else:  # esd
         if dc.use_teacher:
             d_s = jnp.exp(teacher(xo, ts_, None))
         else:  # the student's own diagonal δ_{s,s} (the reference wrongly uses δ_{s,t})
-            d_s = jnp.exp(_network(params, mc, train, k_target1)(xo, ts_, ts_))
+            d_s = jnp.exp(_network(params, mc, train, k_target1, space("student"))(xo, ts_, ts_))
         d_s = jax.lax.stop_gradient(d_s)
-        delta, target = esd_target(student, d_s, xo, ts_, tt_, so, to, schedule.dtau_dt(so))
+        delta, target = esd_target(student, d_s, xo, ts_, tt_, so, to, schedule.dtau_dt(so),
+                                   lift=lift)
         off_loss = jnp.sum((delta - target) ** 2, axis=-1)
         # Boundary rows (t = 1) have no finite Eulerian target: they are excluded from
         # the loss and its normalisation (the reference divides by 1e-8 there).

@@ -9,6 +9,10 @@ from fmlm_jax import interpolant
 from fmlm_jax import model as model_lib
 from fmlm_jax.schedule import Schedule
 
+# Tokens per chunk of the fused output cross-entropy: bounds its (chunk, K) temporaries
+# (4096 × 50258 float32 = 0.8 GB) while keeping each chunk's matmul large.
+CE_CHUNK_SIZE = 4096
+
 
 def antithetic_uniform(rng: jax.Array, n: int) -> jax.Array:
     """n stratified uniforms (U/n + i/n) mod 1, randomly permuted (SPEC §4)."""
@@ -17,9 +21,8 @@ def antithetic_uniform(rng: jax.Array, n: int) -> jax.Array:
     return jax.random.permutation(k_perm, (u / n + jnp.arange(n) / n) % 1.0)
 
 
-def token_loss(params, model_config, log_p: jax.Array, tokens: jax.Array, tau_s: jax.Array):
+def token_loss(params, model_config, nll: jax.Array, tau_s: jax.Array):
     """Per-token −log δ[x₁] (B, L) and its loss-weighted form e^{−w}·ℓ + w (SPEC §3.9)."""
-    nll = -jnp.take_along_axis(log_p, tokens[..., None], axis=-1)[..., 0]
     if not model_config.learnable_loss_weighting:
         return nll, nll
     w = model_lib.DiT(model_config).apply({"params": params}, tau_s, method=model_lib.DiT.loss_weight)
@@ -31,7 +34,8 @@ def flm_loss(params, batch: dict, rng: jax.Array, config, train: bool = True):
     """Mean FLM loss over the valid tokens of the (global) batch (SPEC §4).
 
     batch: {'tokens': (B, L) int32, optional 'mask': (B, L), 1 where the token counts}.
-    config: needs `model` (a model config) and `flm.tau_min`, `flm.tau_max`.
+    config: needs `model` (a model config) and `flm.tau_min`, `flm.tau_max`; optional
+    `flm.projected_noise` (default False) and `flm.ce_chunk_size` (default 4096).
     Draws antithetic τ (B,) and ε (B, L, K) — or, with `flm.projected_noise`, ε̃ (B, L, d)
     for the projected input path of SPEC §10 — then calls `flm_loss_at`.
     Returns (loss, metrics).
@@ -44,15 +48,16 @@ def flm_loss(params, batch: dict, rng: jax.Array, config, train: bool = True):
     width = config.model.hidden_size if projected else config.model.vocab_size
     eps = jax.random.normal(k_noise, (*tokens.shape, width), jnp.float32)
     return flm_loss_at(params, tokens, batch.get("mask"), tau, eps, k_dropout, config.model, train,
-                       projected)
+                       projected, int(config.flm.get("ce_chunk_size", CE_CHUNK_SIZE)))
 
 
 def flm_loss_at(params, tokens, mask, tau, eps, dropout_rng, model_config, train: bool = True,
-                projected: bool = False):
+                projected: bool = False, ce_chunk_size: int = CE_CHUNK_SIZE):
     """The FLM loss for given times τ (B,) and noise ε (B, L, K): −log δ_τ(x_t)[x₁].
 
     x_t = (1 − t)·ε + t·onehot(x₁) with t = T(τ); the network sees τ. With `projected`,
     ε is (B, L, d) and the network gets h_t = x_t·E drawn in projected form (SPEC §10).
+    ce_chunk_size: tokens per chunk of the fused output cross-entropy (0: one chunk).
     """
     mask = jnp.ones(tokens.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
     t = Schedule(model_config.vocab_size).tau_to_t(tau)
@@ -60,12 +65,16 @@ def flm_loss_at(params, tokens, mask, tau, eps, dropout_rng, model_config, train
         net_input = interpolant.projected_noisy(tokens, t, eps, params["vocab_embed"]["embedding"])
     else:
         net_input = interpolant.noisy(tokens, t, eps)
-    logits = model_lib.DiT(model_config).apply(
+    features = model_lib.DiT(model_config).apply(
         {"params": params}, net_input, tau, train=train, rngs={"dropout": dropout_rng},
-        embedded=projected,
+        embedded=projected, features_only=True,
     )
-    log_p = model_lib.log_probs(logits, model_config.get("output_cap", 30.0))
-    nll, weighted = token_loss(params, model_config, log_p, tokens, tau)
+    # −log δ[x₁] through the fused output cross-entropy: no (B, L, K) log-probs are kept.
+    linear = params["output_layer"]["linear"]
+    cfg = model_lib.resolve_config(model_config)
+    nll = model_lib.capped_nll(features, linear["kernel"], linear["bias"], tokens, cfg.output_cap,
+                               ce_chunk_size, jnp.dtype(cfg.dtype))
+    nll, weighted = token_loss(params, model_config, nll, tau)
     n_valid = jnp.maximum(mask.sum(), 1.0)
     loss = (weighted * mask).sum() / n_valid
     metrics = {"loss": loss, "nll": (nll * mask).sum() / n_valid}
