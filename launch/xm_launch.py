@@ -27,6 +27,7 @@ _ACCELERATOR = flags.DEFINE_enum("accelerator", "cpu", ("cpu", *xm_plan.GPUS, *x
                                  "Device type of every job.")
 _QUANTITY = flags.DEFINE_string("quantity", "", "GPUs per job (e.g. 8) or a TPU topology (e.g. 2x2x1).")
 _BUCKET = flags.DEFINE_string("bucket", "", "gs://BUCKET for the workdirs (vertex and gke executors).")
+_WORKDIR_ROOT = flags.DEFINE_string("workdir_root", "", "Workdir root instead of the executor's default.")
 _EXPERIMENT = flags.DEFINE_string("experiment", "", "Experiment title; default: the config's name.")
 _SWEEP = flags.DEFINE_bool("sweep", False, "One job per point of the config's sweep().")
 _OVERRIDE = flags.DEFINE_multi_string("override", [], "KEY=VALUE config override for every job.")
@@ -91,7 +92,7 @@ def main(argv):
     try:
         plan = xm_plan.build_plan(
             _CONFIG.value, _EXECUTOR.value, _ACCELERATOR.value, _QUANTITY.value, _BUCKET.value,
-            _EXPERIMENT.value, _SWEEP.value, _OVERRIDE.value, repo_root=repo_root,
+            _EXPERIMENT.value, _SWEEP.value, _OVERRIDE.value, repo_root=repo_root, root=_WORKDIR_ROOT.value,
         )
     except (AttributeError, FileNotFoundError, KeyError, ValueError) as e:
         raise app.UsageError(str(e.args[0] if e.args else e)) from None

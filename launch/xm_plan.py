@@ -10,7 +10,10 @@ Executors (xmanager 0.8.5):
           every Cloud Storage bucket at /gcs/BUCKET (Cloud Storage FUSE), so workdirs are
           /gcs/BUCKET/fmlm/EXPERIMENT[/SWEEP_POINT]: plain files for checkpoints and metrics.jsonl.
 - gke:    xm_local.Kubernetes — a GKE cluster with GPU or TPU (v4, v5e, v5p, v6e) node pools
-          (`xmanager cluster create`). Workdirs are gs://BUCKET/fmlm/EXPERIMENT[/SWEEP_POINT].
+          (`xmanager cluster create`). Workdirs are gs://BUCKET/fmlm/EXPERIMENT[/SWEEP_POINT]
+          (Orbax writes gs:// directly; train.py's metrics.jsonl needs a POSIX path until
+          it writes through etils.epath: pass --workdir_root=/MOUNT where the cluster mounts
+          a shared filesystem).
 """
 
 from __future__ import annotations
@@ -99,11 +102,15 @@ def docker_instructions(repo_dir_name: str, extra: str) -> tuple[str, ...]:
 
 def build_plan(config: str, executor: str = "local", accelerator: str = "cpu", quantity: str = "",
                bucket: str = "", experiment: str = "", sweep: bool = False, overrides=(),
-               repo_root: str | None = None) -> Plan:
-    """Everything a submission needs, checked: one job per sweep point of `config`."""
+               repo_root: str | None = None, root: str = "") -> Plan:
+    """Everything a submission needs, checked: one job per sweep point of `config`.
+
+    root: the workdir root, overriding the one derived from executor and bucket (e.g. a
+    Filestore or Cloud Storage FUSE mount that a GKE cluster provides).
+    """
     check_platform(executor, accelerator, quantity)
     experiment = experiment or os.path.splitext(os.path.basename(config))[0]
-    root = workdir_root(executor, bucket)
+    root = root or workdir_root(executor, bucket)
     repo_root = repo_root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     extra = jax_extra(accelerator)
     # Multi-host TPU slices need jax.distributed.initialize(); it detects the TPU environment.
