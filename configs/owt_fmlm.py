@@ -4,7 +4,8 @@
         --config.distill.teacher_path=runs/owt_flm   # or a converted checkpoint: ckpt/owt_flm
 
 169,676,626 parameters: the FLM's 169,627,218 plus `sigma_map_prime` (49,408). Global batch 128
-(not the FLM's 512): each row costs a teacher pass and two student target passes.
+(not the FLM's 512), as in the published script: besides the student's own pass, diagonal rows
+cost a teacher pass and the other rows two student target passes.
 """
 
 import os

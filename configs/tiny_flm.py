@@ -1,6 +1,6 @@
 """The LM1B/OWT FLM recipe at CPU size: the same groups and keys, a narrow DiT, synthetic phrases.
 
-    launch/local.sh --config=configs/tiny_flm.py      # → runs/tiny_flm, about a minute on 2 cores
+    launch/local.sh --config=configs/tiny_flm.py      # → runs/tiny_flm, a few minutes on 2 CPU cores
 
 On a prepared local-text source instead (any tokenizer; K must match it):
 
