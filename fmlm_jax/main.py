@@ -2,8 +2,16 @@
 
 `config.mode` picks FLM training ('train') or FMLM distillation ('distill'; the teacher
 is `distill.teacher_path`). Re-running with the same workdir resumes.
+
+Multi-host (SLURM, Cloud TPU pods, GKE): with FMLM_JAX_DISTRIBUTED=1 in the environment
+(the launchers in launch/ set it), `jax.distributed.initialize()` runs first; it reads
+the coordinator, process count and index from the cluster environment (SLURM, TPU
+metadata) or from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID.
 """
 
+import os
+
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -18,8 +26,16 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise app.UsageError("pass --config=configs/NAME.py and --workdir=DIR")
+    if os.environ.get("FMLM_JAX_DISTRIBUTED", "0") == "1":
+        jax.distributed.initialize()
     logging.set_verbosity(logging.WARNING)  # progress is printed; library INFO logs are noise
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    print(f"process {jax.process_index()}/{jax.process_count()}: {jax.local_device_count()} of "
+          f"{jax.device_count()} {jax.devices()[0].platform} devices", flush=True)
+    def log(message):  # progress from the first process only
+        if jax.process_index() == 0:
+            print(message, flush=True)
+
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, log=log)
 
 
 if __name__ == "__main__":

@@ -213,13 +213,17 @@ def train_state_shapes(config):
     return jax.eval_shape(lambda: train.create_train_state(config, jax.random.key(0)))
 
 
-def init_train_state(config, mesh: Mesh, rng: jax.Array):
-    """`train.create_train_state(config, rng)` created directly in its shardings on `mesh`
-    (no full copy of the parameters on one device first)."""
+def init_train_state(config, mesh: Mesh, rng: jax.Array, params=None):
+    """`train.create_train_state(config, rng, params)` created directly in its shardings on
+    `mesh` (no full copy of the parameters on one device first, unless `params` are given,
+    e.g. a student initialised from its teacher)."""
     from fmlm_jax import train
 
     shardings = state_shardings(train_state_shapes(config), mesh)
-    return jax.jit(lambda key: train.create_train_state(config, key), out_shardings=shardings)(rng)
+    if params is None:
+        return jax.jit(lambda key: train.create_train_state(config, key), out_shardings=shardings)(rng)
+    return jax.jit(lambda key, p: train.create_train_state(config, key, params=p),
+                   out_shardings=shardings)(rng, params)
 
 
 def shard_train_step(config, mesh: Mesh, teacher_params=None):

@@ -78,7 +78,7 @@ def test_cli_runs_and_rejects_unknown_keys(tmp_path):
             "--config.train.log_every=3", "--config.train.save_every=3"]
     done = subprocess.run(base, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "step 6: loss" in done.stdout
+    assert "step 6/6: loss" in done.stdout
     assert sorted(d for d in os.listdir(tmp_path) if d.isdigit()) == ["3", "6"]
     bad = subprocess.run(base + ["--config.train.num_stepz=3"], cwd=ROOT, capture_output=True,
                          text=True, timeout=300)

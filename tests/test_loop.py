@@ -1,0 +1,294 @@
+"""The training system around the step: gradient accumulation, schedules, FLOP counts,
+validation, periodic samples, TensorBoard metrics, NaN stop, SIGTERM, bad input, and the
+loop on 8 devices and 2 processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from conftest import randomize, tiny_model_config
+
+from fmlm_jax import checkpoints, model, train
+from fmlm_jax.data import synthetic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+import synthetic_demo  # noqa: E402
+
+
+def loop_config(num_steps, **train_overrides):
+    config = synthetic_demo.get_config()
+    config.model.n_blocks = 1
+    config.data.batch_size = 8
+    config.train.update(num_steps=num_steps, log_every=2, save_every=2)
+    config.train.update(train_overrides)
+    return config
+
+
+def quiet(*_):
+    pass
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def test_accumulated_gradient_equals_the_full_batch_gradient():
+    # τ = 1 makes x_t the one-hot data (no noise) and dropout is off, so the loss is a
+    # deterministic mean over tokens: 4 micro-batches must give the one-batch gradient.
+    config = ml_collections.ConfigDict()
+    config.model = tiny_model_config()
+    config.flm = dict(tau_min=1.0, tau_max=1.0)
+    config.train = dict(grad_accum_steps=1)
+    params = randomize(model.init_params(config.model, jax.random.key(0)), jax.random.key(1))
+    tokens = jax.random.randint(jax.random.key(2), (8, 6), 0, config.model.vocab_size)
+    batch = {"tokens": tokens}
+    full, full_metrics = jax.jit(lambda p: train.gradients(p, batch, jax.random.key(3), config))(params)
+    config.train.grad_accum_steps = 4
+    acc, acc_metrics = jax.jit(lambda p: train.gradients(p, batch, jax.random.key(3), config))(params)
+    diffs = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), full, acc)
+    scale = max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda a: float(jnp.max(jnp.abs(a))), full)))
+    assert max(jax.tree_util.tree_leaves(diffs)) < 1e-5 * scale
+    assert float(acc_metrics["loss"]) == pytest.approx(float(full_metrics["loss"]), rel=1e-6)
+    # strided micro-batches: micro-batch i holds rows i, i+4 (a device's rows stay local)
+    micro = train._micro_batches(jnp.arange(8), 4)
+    np.testing.assert_array_equal(np.asarray(micro), [[0, 4], [1, 5], [2, 6], [3, 7]])
+
+
+def test_cosine_schedule_warms_up_then_decays_to_the_final_fraction():
+    config = ml_collections.ConfigDict(dict(lr=1e-3, warmup_steps=10, num_steps=110, schedule="cosine",
+                                            final_lr_fraction=0.1))
+    lr = train.learning_rate(config)
+    assert float(lr(5)) == pytest.approx(0.5e-3)
+    assert float(lr(10)) == pytest.approx(1e-3)
+    for step in (35, 60, 85, 110):  # cosine from lr to 0.1·lr over steps 10..110
+        progress = (step - 10) / 100
+        expected = 1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + np.cos(np.pi * progress))
+        assert float(lr(step)) == pytest.approx(expected, rel=1e-5)
+    config.schedule = "linear"
+    with pytest.raises(ValueError, match="'constant' or 'cosine'"):
+        train.learning_rate(config)
+
+
+def test_flop_count_matches_xla_for_the_forward_pass():
+    # The analytic model FLOPs per token (used for MFU) against XLA's own count of the
+    # compiled forward pass, at a size where matmuls dominate (elementwise work ~5%).
+    cfg = model.model_config("tiny", 2048, hidden_size=128, cond_dim=32, n_blocks=2, n_heads=4)
+    batch, length = 2, 64
+    params = model.param_shapes(cfg)
+    z = jax.ShapeDtypeStruct((batch, length, cfg.vocab_size), jnp.float32)
+    tau = jax.ShapeDtypeStruct((batch,), jnp.float32)
+    forward = jax.jit(lambda p, z, t: model.DiT(cfg).apply({"params": p}, z, t))
+    compiled = forward.lower(params, z, tau).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    analytic_forward = train.flm_flops_per_token(cfg, length) / 3 * batch * length
+    assert cost["flops"] == pytest.approx(analytic_forward, rel=0.1)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def test_loop_validates_samples_and_writes_tensorboard(tmp_path):
+    config = loop_config(4, eval_every=2, eval_batches=2, sample_every=4, sample_num=3, sample_steps=4)
+    rows = train.train_and_evaluate(config, str(tmp_path), log=quiet)
+    assert [r["step"] for r in rows] == [2, 4]
+    for row in rows:
+        assert np.isfinite(row["val/loss"]) and np.isfinite(row["val/nll"])
+        assert row["train/lr"] > 0 and row["perf/tokens_per_s"] > 0
+    # validation is deterministic: recomputing it from the saved EMA weights gives the same
+    params, _ = checkpoints.load_weights(str(tmp_path), weights="ema")
+    from fmlm_jax import sharding
+
+    mesh = sharding.make_mesh()
+    eval_fn = jax.jit(lambda p, b, r: train.eval_step(p, b, r, config))
+    eval_rng = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), 1))[0]
+    again = train.evaluate(eval_fn, jax.tree_util.tree_map(jnp.asarray, params), config, eval_rng,
+                           sharding.batch_sharding(mesh))
+    assert again["val/loss"] == pytest.approx(rows[-1]["val/loss"], rel=1e-6)
+    # samples: text made of the corpus's words, one line per step that sampled
+    samples = [json.loads(line) for line in open(tmp_path / "samples.jsonl")]
+    assert [s["step"] for s in samples] == [4] and len(samples[0]["texts"]) == 3
+    vocab = set(synthetic.WordTokenizer().vocab)
+    for text in samples[0]["texts"]:
+        assert len(text.split()) == config.data.seq_len and set(text.split()) <= vocab
+    # TensorBoard event file with the train, validation and perf scalars
+    from tensorboard.backend.event_processing import event_accumulator
+
+    events = [f for f in os.listdir(tmp_path) if f.startswith("events.out.tfevents")]
+    assert events
+    acc = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["tensors"])
+    assert {"train/loss", "val/loss", "perf/steps_per_s", "steps_per_sec"} <= tags, tags
+    losses = [float(tf_event.tensor_proto.float_val[0] if tf_event.tensor_proto.float_val else
+                    np.frombuffer(tf_event.tensor_proto.tensor_content, np.float32)[0])
+              for tf_event in acc.Tensors("train/loss")]
+    assert losses == pytest.approx([r["train/loss"] for r in rows], rel=1e-6)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    # Bad data: the 3rd batch carries a NaN in its loss mask, so step 3's loss and gradient
+    # are NaN. The loop must stop there, before saving, leaving step 2 as the latest.
+    real_iterator = train.make_data_iterator
+
+    class Poisoned:  # the real iterator (and its checkpointable state), a NaN in batch 3
+        def __init__(self, config, split="train"):
+            self.inner, self.count = real_iterator(config, split), 0
+
+        def __next__(self):
+            batch, self.count = next(self.inner), self.count + 1
+            mask = np.ones(batch["tokens"].shape, np.float32)
+            mask[0, 0] = np.nan if self.count == 3 else 1.0
+            return {**batch, "mask": mask}
+
+        def get_state(self):  # grain's handler takes bytes from a non-grain iterator
+            return json.dumps(self.inner.get_state()).encode()
+
+        def set_state(self, state):
+            self.inner.set_state(json.loads(state))
+
+    monkeypatch.setattr(train, "make_data_iterator", Poisoned)
+    config = loop_config(6, log_every=1, save_every=1)
+    with pytest.raises(FloatingPointError, match="non-finite metrics at step 3: .*last good checkpoint .* "
+                                                 "is step 2"):
+        train.train_and_evaluate(config, str(tmp_path), log=quiet)
+    logged = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in logged] == [1, 2]
+    assert checkpoints.open_manager(tmp_path, read_only=True).latest_step() == 2
+
+
+def test_bad_input_is_refused_with_a_clear_message(tmp_path):
+    config = loop_config(2)
+    config.data.source = "prepared"
+    config.data.dir = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="fmlm_jax.data.prepare"):
+        train.train_and_evaluate(config, str(tmp_path / "a"), log=quiet)
+    config = loop_config(2, grad_accum_steps=3)
+    with pytest.raises(ValueError, match="grad_accum_steps 3 .* divide data.batch_size 8"):
+        train.train_and_evaluate(config, str(tmp_path / "b"), log=quiet)
+    train.train_and_evaluate(loop_config(2), str(tmp_path / "c"), log=quiet)
+    config = loop_config(4)
+    config.mode = "distill"
+    with pytest.raises(ValueError, match=r"lacks the section\(s\) \['distill'\]"):
+        train.train_and_evaluate(config, str(tmp_path / "d"), log=quiet)
+    import synthetic_distill
+
+    config = synthetic_distill.get_config()
+    with pytest.raises(ValueError, match="holds a mode='train' run"):
+        train.train_and_evaluate(config, str(tmp_path / "c"), log=quiet)
+
+
+def test_sigterm_saves_the_current_step_and_the_run_resumes(tmp_path):
+    cmd = [sys.executable, "-u", "-m", "fmlm_jax.main", "--config=configs/synthetic_demo.py",
+           f"--workdir={tmp_path}", "--config.model.n_blocks=1", "--config.data.batch_size=8",
+           "--config.train.num_steps=100000", "--config.train.log_every=1",
+           "--config.train.save_every=100000"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    for line in proc.stdout:  # wait until training runs, then ask it to stop
+        if line.startswith("step 3/") or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-2000:]
+    saved = int(out.split("preempted: saved step ")[1].split()[0])
+    assert saved >= 3
+    assert checkpoints.open_manager(tmp_path, read_only=True).latest_step() == saved
+    resume = cmd[:-3] + [f"--config.train.num_steps={saved + 2}", "--config.train.log_every=1"]
+    resumed = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {tmp_path} at step {saved}" in resumed.stdout
+    assert f"step {saved + 2}/{saved + 2}: loss" in resumed.stdout
+
+
+# ----------------------------------------------------------------------------- many devices
+
+EIGHT_DEVICE_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    sys.path.insert(0, os.path.join(sys.argv[1], "configs"))
+    import jax, synthetic_demo
+    from fmlm_jax import train
+
+    def run(data, fsdp, accum, workdir):
+        config = synthetic_demo.get_config()
+        config.model.n_blocks = 1
+        config.model.dropout = 0.1
+        config.data.batch_size = 16
+        config.mesh = dict(data=data, fsdp=fsdp)
+        config.train.update(num_steps=3, log_every=1, save_every=3, grad_accum_steps=accum)
+        rows = train.train_and_evaluate(config, workdir, log=lambda *_: None)
+        return [[r["train/loss"], r["train/grad_norm"]] for r in rows]
+
+    out = {}
+    for name, devices, data, fsdp, accum in [("1", 1, 1, 1, 1), ("8x1", 8, 8, 1, 1),
+                                             ("2x4", 8, 2, 4, 1), ("1x8", 8, 1, 8, 1),
+                                             ("1 accum2", 1, 1, 1, 2), ("8x1 accum2", 8, 8, 1, 2)]:
+        import fmlm_jax.sharding as sh
+        original = sh.make_mesh
+        sh.make_mesh = lambda data=-1, fsdp=1, devices=None, n=devices: original(
+            data, fsdp, jax.devices()[:n])
+        out[name] = run(data, fsdp, accum, os.path.join(sys.argv[2], name.replace(" ", "_")))
+        sh.make_mesh = original
+    print("RESULT " + json.dumps(out))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def eight_devices(tmp_path_factory):
+    flags = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+             " --xla_llvm_disable_expensive_passes=true")
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+    workdir = str(tmp_path_factory.mktemp("mesh"))
+    proc = subprocess.run([sys.executable, "-c", EIGHT_DEVICE_SCRIPT, ROOT, workdir], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+@pytest.mark.parametrize("mesh", ["8x1", "2x4", "1x8"])
+def test_the_loop_on_8_devices_matches_one_device(eight_devices, mesh):
+    # Same global batch, times, noise and dropout masks on every mesh: only the reduction
+    # order differs (dropout 0.1, three AdamW steps).
+    np.testing.assert_allclose(eight_devices[mesh], eight_devices["1"], rtol=2e-5)
+
+
+def test_gradient_accumulation_on_8_devices_matches_one_device(eight_devices):
+    np.testing.assert_allclose(eight_devices["8x1 accum2"], eight_devices["1 accum2"], rtol=2e-5)
+    # accumulation draws per-micro-batch times: a different (valid) run from no accumulation
+    assert eight_devices["1 accum2"] != eight_devices["1"]
+
+
+@pytest.mark.slow  # two processes; ~1.5 min on 2 busy cores
+def test_two_processes_train_through_jax_distributed(tmp_path):
+    """Two processes × 2 CPU devices, started as SLURM would start them (jax.distributed
+    finds the coordinator in the SLURM variables), with gloo collectives."""
+    procs = []
+    for i in range(2):
+        env = {**os.environ, "SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "localhost",
+               "SLURM_NTASKS": "2", "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i),
+               "SLURM_STEP_NUM_NODES": "1", "FMLM_JAX_DISTRIBUTED": "1",
+               "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "JAX_PLATFORMS": "cpu",
+               "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+        cmd = [sys.executable, "-m", "fmlm_jax.main", "--config=configs/synthetic_demo.py",
+               f"--workdir={tmp_path}", "--config.model.n_blocks=1", "--config.data.batch_size=8",
+               "--config.train.num_steps=4", "--config.train.log_every=2", "--config.train.save_every=2"]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=400) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert "process 0/2: 2 of 4 cpu devices" in outs[0][0]
+    assert "step 4/4: loss" in outs[0][0] and "step" not in outs[1][0].replace("process", "")
+    data_items = os.listdir(tmp_path / "4" / "data")
+    assert len(data_items) == 2, data_items  # each process's iterator position is saved
