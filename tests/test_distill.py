@@ -260,3 +260,37 @@ def test_distill_loss_errors():
     cfg.distill.method = "psd"
     with pytest.raises(ValueError, match="no teacher_params"):
         distill.distill_loss(None, {"tokens": tokens}, jax.random.key(0), cfg)
+
+
+# ------------------------------------------------------------------ projected noise (SPEC §10)
+
+
+@pytest.mark.parametrize("method,use_teacher,use_ema", [
+    ("psd", True, True),  # three networks (student, teacher, EMA target) drawn jointly
+    pytest.param("lsd", False, False, marks=pytest.mark.slow),
+    pytest.param("esd", True, False, marks=pytest.mark.slow),
+])
+def test_projected_distill_loss_has_the_dense_statistics(method, use_teacher, use_ema):
+    teacher_cfg = tiny_model_config(vocab_size=24, hidden_size=8, n_heads=2, n_blocks=1, cond_dim=8)
+    teacher = randomize(init_params(teacher_cfg, jax.random.key(0)), jax.random.key(1))
+    student_cfg = tiny_model_config(vocab_size=24, hidden_size=8, n_heads=2, n_blocks=1, cond_dim=8,
+                                    two_time=True)
+    base = distill.init_student(teacher, student_cfg, jax.random.key(2))
+    # Student and EMA differ from the teacher (and each other), E included.
+    student = randomize(base, jax.random.key(3))
+    ema = jax.tree_util.tree_map(lambda a, b: 0.5 * (a + b), base, student)
+    tokens = jax.random.randint(jax.random.key(4), (8, 4), 0, teacher_cfg.vocab_size)
+
+    def losses(projected):
+        config = ml_collections.ConfigDict(dict(
+            model=student_cfg, flm=dict(projected_noise=projected),
+            distill=_distill_config(method, use_teacher=use_teacher, use_ema_for_psd_target=use_ema)))
+        fn = lambda key: distill.distill_loss(  # noqa: E731
+            student, {"tokens": tokens}, key, config, teacher if use_teacher else None, ema)[0]
+        return np.asarray(jax.jit(jax.vmap(fn))(jax.random.split(jax.random.key(5), 600)))
+
+    dense, projected = losses(False), losses(True)
+    assert np.all(np.isfinite(projected))
+    se = np.sqrt(dense.var() / len(dense) + projected.var() / len(projected))
+    assert abs(dense.mean() - projected.mean()) < 4 * se, (dense.mean(), projected.mean(), se)
+    assert 0.75 < projected.var() / dense.var() < 1.33, projected.var() / dense.var()

@@ -137,7 +137,7 @@ def test_projected_gradient_into_the_input_matrix_matches_dense_in_expectation()
     params["vocab_embed"]["embedding"] = params["vocab_embed"]["embedding"] * 3.0  # noise matters
     tokens = jax.random.randint(jax.random.key(2), (4, 4), 0, cfg.vocab_size)
     tau = jnp.array([0.0, 0.05, 0.2, 0.4])  # noisy times: the noise path carries gradient
-    keys = jax.random.split(jax.random.key(3), 2000)
+    keys = jax.random.split(jax.random.key(3), 1000)
     dense = _grad_samples(params, cfg, tokens, tau, False, keys)
     projected = _grad_samples(params, cfg, tokens, tau, True, keys)
     detached = _grad_samples(params, cfg, tokens, tau, True, keys, detach_factor=True)
@@ -147,7 +147,8 @@ def test_projected_gradient_into_the_input_matrix_matches_dense_in_expectation()
         return (a.mean(0) - b.mean(0)) / se
 
     z = z_scores(dense, projected)
-    # 192 entries: under equal means each |z| < 4.5 with high probability, and Σz² ≈ 192.
+    # 192 entries: under equal means each |z| < 4.5 with high probability and mean z² ≈ 1
+    # (measured: max |z| 2.5, mean z² 0.9; without ∂C/∂E mean z² 27).
     assert np.abs(z).max() < 4.5 and (z**2).mean() < 1.5, (np.abs(z).max(), (z**2).mean())
     z_bad = z_scores(dense, detached)  # the test has power: dropping ∂C/∂E is detected
     assert (z_bad**2).mean() > 3.0, (z_bad**2).mean()
