@@ -1,5 +1,5 @@
 """Side-by-side CPU speed and memory: dense vs projected FLM train step, the PyTorch
-reference module, and FMLM one-step sampling (SPEC §10; issue "Performance").
+reference module, FMLM one-step and FLM 8-step sampling (SPEC §10; issue "Performance").
 
 Each variant runs in its own subprocess, so its peak RSS is its own; the variants run
 one after the other in one invocation, so machine noise mostly cancels in the ratios.
@@ -7,7 +7,9 @@ The last line is one JSON object with medians:
 {"dense_step_s", "projected_step_s", "torch_step_s", "dense_peak_mb", "projected_peak_mb",
  "fmlm_1step_samples_per_s", "torch_fmlm_1step_samples_per_s"}
 
-python benchmarks/speed.py [--width narrow|small] [--batch 8] [--steps 5]
+python benchmarks/speed.py [--width narrow|small] [--batch 8] [--steps 3] [--only a,b]
+
+Throughputs: tokens/s = batch·L/step; samples/s = sequences of length L per second.
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ def run_jax_train(width: str, batch: int, steps: int, projected: bool) -> dict:
         state, metrics = step_fn(state, batch_dict, rng)
         jax.block_until_ready(metrics["loss"])
         times.append(time.perf_counter() - start)
-    return {"step_s": statistics.median(times), "peak_mb": _peak_mb()}
+    step_s = statistics.median(times)
+    return {"step_s": step_s, "tokens_per_s": batch * LENGTH / step_s, "peak_mb": _peak_mb()}
 
 
 def run_torch_train(width: str, batch: int, steps: int) -> dict:
@@ -101,23 +104,72 @@ def run_torch_train(width: str, batch: int, steps: int) -> dict:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return {"step_s": statistics.median(times), "peak_mb": _peak_mb()}
+    step_s = statistics.median(times)
+    return {"step_s": step_s, "tokens_per_s": batch * LENGTH / step_s, "peak_mb": _peak_mb()}
 
 
-def run_jax_fmlm(width: str, batch: int, steps: int) -> dict:
+def _time_calls(fn, steps: int) -> float:
+    """Median seconds of fn() after one compile/warm-up call."""
     import jax
 
-    from fmlm_jax.model import init_params
-    from fmlm_jax.sampling import fmlm_sample
-
-    cfg = _model_config(width, True)
-    params = init_params(cfg, jax.random.key(0))
-    z0 = jax.random.normal(jax.random.key(1), (batch, LENGTH, VOCAB))
-    jax.block_until_ready(fmlm_sample(params, cfg, z0, 1))  # compile
+    jax.block_until_ready(fn())
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        jax.block_until_ready(fmlm_sample(params, cfg, z0, 1))
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_jax_sample(width: str, batch: int, steps: int, kind: str, num_steps: int,
+                   projected: bool) -> dict:
+    """FMLM γ-sampler (kind 'fmlm', γ = 0) or FLM Euler sampler (kind 'flm')."""
+    import jax
+
+    from fmlm_jax.model import init_params
+    from fmlm_jax.sampling import flm_sample, fmlm_sample
+
+    cfg = _model_config(width, kind == "fmlm")
+    params = init_params(cfg, jax.random.key(0))
+    width_in = cfg.hidden_size if projected else VOCAB
+    z0 = jax.random.normal(jax.random.key(1), (batch, LENGTH, width_in))
+    if kind == "fmlm":
+        fn = lambda: fmlm_sample(params, cfg, z0, num_steps, projected=projected)  # noqa: E731
+    else:
+        fn = lambda: flm_sample(params, cfg, z0, num_steps, projected=projected)  # noqa: E731
+    return {"samples_per_s": batch / _time_calls(fn, steps), "peak_mb": _peak_mb()}
+
+
+def run_torch_flm(width: str, batch: int, steps: int, num_steps: int) -> dict:
+    """The FLM Euler sampler around the PyTorch module (the reference's loop, eager)."""
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from torch_dit import TorchDiT
+
+    from fmlm_jax.sampling import flm_time_grid
+
+    hidden, blocks, heads, cond = WIDTHS[width]
+    model = TorchDiT(VOCAB, hidden, cond, heads, blocks).eval()
+    tau, t = (torch.tensor(np.asarray(a, np.float32)) for a in flm_time_grid(VOCAB, num_steps))
+    z0 = torch.randn(batch, LENGTH, VOCAB)
+
+    @torch.no_grad()
+    def sample():
+        z = z0
+        for i in range(num_steps):
+            logits = model(z, tau[i].expand(batch))
+            d = torch.softmax(30 * torch.tanh(logits / 30), -1)
+            if i == num_steps - 1:
+                return d.argmax(-1)
+            z = z + (t[i + 1] - t[i]) * (d - z) / (1 - t[i] + 1e-5)
+
+    sample()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        sample()
         times.append(time.perf_counter() - start)
     return {"samples_per_s": batch / statistics.median(times), "peak_mb": _peak_mb()}
 
@@ -150,8 +202,12 @@ VARIANTS = {
     "dense": lambda a: run_jax_train(a.width, a.batch, a.steps, projected=False),
     "projected": lambda a: run_jax_train(a.width, a.batch, a.steps, projected=True),
     "torch": lambda a: run_torch_train(a.width, a.batch, a.steps),
-    "fmlm": lambda a: run_jax_fmlm(a.width, a.batch, a.steps),
+    "fmlm": lambda a: run_jax_sample(a.width, a.batch, a.steps, "fmlm", 1, projected=False),
+    "fmlm_projected": lambda a: run_jax_sample(a.width, a.batch, a.steps, "fmlm", 1, projected=True),
     "torch_fmlm": lambda a: run_torch_fmlm(a.width, a.batch, a.steps),
+    "flm8": lambda a: run_jax_sample(a.width, a.batch, a.steps, "flm", 8, projected=False),
+    "flm8_projected": lambda a: run_jax_sample(a.width, a.batch, a.steps, "flm", 8, projected=True),
+    "torch_flm8": lambda a: run_torch_flm(a.width, a.batch, a.steps, 8),
 }
 
 
@@ -159,33 +215,48 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--width", choices=sorted(WIDTHS), default="narrow")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--only", default="", help="comma-separated variants (default: all)")
     parser.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:  # child process: run one variant, print its JSON
         print(json.dumps(VARIANTS[args.variant](args)))
         return
+    names = [n for n in args.only.split(",") if n] or list(VARIANTS)
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
     results = {}
-    for name in VARIANTS:
+    for name in names:
         cmd = [sys.executable, __file__, "--variant", name, "--width", args.width,
                "--batch", str(args.batch), "--steps", str(args.steps)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if out.returncode:
+            raise SystemExit(f"variant {name} failed:\n{out.stderr[-3000:]}")
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{name:>10}: {results[name]}", flush=True)
-    summary = {
-        "dense_step_s": results["dense"]["step_s"],
-        "projected_step_s": results["projected"]["step_s"],
-        "torch_step_s": results["torch"]["step_s"],
-        "dense_peak_mb": results["dense"]["peak_mb"],
-        "projected_peak_mb": results["projected"]["peak_mb"],
-        "fmlm_1step_samples_per_s": results["fmlm"]["samples_per_s"],
-        "torch_fmlm_1step_samples_per_s": results["torch_fmlm"]["samples_per_s"],
+        print(f"{name:>15}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[name].items()), flush=True)
+    keys = {  # summary key → (variant, field)
+        "dense_step_s": ("dense", "step_s"), "projected_step_s": ("projected", "step_s"),
+        "torch_step_s": ("torch", "step_s"), "dense_peak_mb": ("dense", "peak_mb"),
+        "projected_peak_mb": ("projected", "peak_mb"),
+        "fmlm_1step_samples_per_s": ("fmlm", "samples_per_s"),
+        "torch_fmlm_1step_samples_per_s": ("torch_fmlm", "samples_per_s"),
+        "fmlm_projected_1step_samples_per_s": ("fmlm_projected", "samples_per_s"),
+        "flm_8step_samples_per_s": ("flm8", "samples_per_s"),
+        "flm_projected_8step_samples_per_s": ("flm8_projected", "samples_per_s"),
+        "torch_flm_8step_samples_per_s": ("torch_flm8", "samples_per_s"),
+        "torch_peak_mb": ("torch", "peak_mb"),
     }
+    summary = {k: results[v][f] for k, (v, f) in keys.items() if v in results}
+
+    def ratio(a, b):
+        return f"{summary[a] / summary[b]:.2f}x" if a in summary and b in summary else "n/a"
+
     print(f"width={args.width} batch={args.batch} L={LENGTH} K={VOCAB}: dense/projected step "
-          f"{summary['dense_step_s'] / summary['projected_step_s']:.2f}x, dense/torch step "
-          f"{summary['dense_step_s'] / summary['torch_step_s']:.2f}x, FMLM 1-step jax/torch "
-          f"{summary['fmlm_1step_samples_per_s'] / summary['torch_fmlm_1step_samples_per_s']:.2f}x",
-          flush=True)
+          f"{ratio('dense_step_s', 'projected_step_s')}, torch/dense step "
+          f"{ratio('torch_step_s', 'dense_step_s')}, FMLM 1-step jax/torch "
+          f"{ratio('fmlm_1step_samples_per_s', 'torch_fmlm_1step_samples_per_s')}, FLM 8-step "
+          f"jax/torch {ratio('flm_8step_samples_per_s', 'torch_flm_8step_samples_per_s')}", flush=True)
     print(json.dumps(summary))
 
 

@@ -629,3 +629,53 @@ def test_times_outside_unit_interval_are_rejected(bad):
         DiT(cfg).apply({"params": params}, z, jnp.array([0.5, bad]))
     with pytest.raises(ValueError, match=r"tau_t must lie in \[0, 1\]"):
         DiT(cfg).apply({"params": params}, z, jnp.array([0.5, 0.5]), jnp.array([bad, 0.2]))
+
+
+def test_benchmark_flop_count_matches_xla_and_param_count():
+    # benchmarks/flops.py fills the GPU section from shapes: its parameter count must be the
+    # model's, and its matmul FLOPs XLA's own count (which adds a few % of elementwise ops).
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                    "benchmarks"))
+    import flops
+
+    for two_time in (False, True):
+        cfg = model_config("tiny", 512, hidden_size=64, n_blocks=2, n_heads=4, dropout=0.0,
+                           two_time=two_time)
+        assert flops.param_count(64, 2, 512, two_time=two_time) == count_params(param_shapes(cfg))
+    params = init_params(cfg, jax.random.key(0))
+    z, tau = jnp.zeros((2, 16, 512)), jnp.zeros((2,))
+    cost = jax.jit(lambda p, z: DiT(cfg).apply({"params": p}, z, tau, tau)).lower(params, z).compile()
+    cost = cost.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    ours = sum(flops.forward_flops(2, 16, 64, 2, 512, two_time=True).values())
+    assert ours <= cost["flops"] <= 1.1 * ours, (ours, cost["flops"])
+
+
+@pytest.mark.parametrize("chunk", [0, 5])  # 5 does not divide the 12 tokens: padding
+def test_fused_capped_nll_matches_log_probs_and_its_gradients(chunk):
+    from fmlm_jax.model import capped_nll
+
+    keys = jax.random.split(jax.random.key(0), 5)
+    x = jax.random.normal(keys[0], (3, 4, 8))
+    kernel = 4.0 * jax.random.normal(keys[1], (8, 50))  # large logits: the cap is active
+    bias = jax.random.normal(keys[2], (50,))
+    tokens = jax.random.randint(keys[3], (3, 4), 0, 50)
+    weights = jax.random.uniform(keys[4], (3, 4))  # a non-uniform upstream gradient
+
+    def unfused(x, k, b):
+        lp = log_probs(x @ k + b, 30.0)
+        return (-jnp.take_along_axis(lp, tokens[..., None], -1)[..., 0] * weights).sum()
+
+    def fused(x, k, b):
+        return (capped_nll(x, k, b, tokens, 30.0, chunk) * weights).sum()
+
+    assert float(jnp.abs(x @ kernel).max()) > 30.0
+    want, want_grads = jax.value_and_grad(unfused, argnums=(0, 1, 2))(x, kernel, bias)
+    got, got_grads = jax.jit(jax.value_and_grad(fused, argnums=(0, 1, 2)))(x, kernel, bias)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="leading"):
+        capped_nll(x, kernel, bias, tokens[:, :2])
+    with pytest.raises(ValueError, match="kernel"):
+        capped_nll(x, kernel[:4], bias, tokens)
