@@ -121,8 +121,9 @@ def open_manager(workdir: str | os.PathLike, max_to_keep: int | None = 3,
         cleanup_tmp_directories=not read_only,
         enable_async_checkpointing=async_save,
     )
-    return ocp.CheckpointManager(os.path.abspath(os.fspath(workdir)), options=options,
-                                 item_handlers=_item_handlers())
+    workdir = os.fspath(workdir)
+    root = workdir if "://" in workdir else os.path.abspath(workdir)  # gs://... stays a URL
+    return ocp.CheckpointManager(root, options=options, item_handlers=_item_handlers())
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, data_iterator=None,

@@ -363,8 +363,9 @@ def train_and_evaluate(config, workdir: str, log=print) -> list[dict]:
     peak is known) to TensorBoard (clu) + console + WORKDIR/metrics.jsonl; every `eval_every`
     steps: the objective on `eval_batches` held-out batches with the EMA weights; every
     `sample_every` steps: `sample_num` sequences decoded to text (WORKDIR/samples.jsonl);
-    every `save_every` steps, at the end and on SIGTERM: an Orbax checkpoint. Returns the
-    metric rows logged by this call.
+    every `save_every` steps, at the end and on SIGTERM: an Orbax checkpoint. `workdir` may
+    be a gs:// URL (checkpoints and TensorBoard events go there; the .jsonl files are only
+    written to local workdirs). Returns the metric rows logged by this call.
     """
     from clu import metric_writers, periodic_actions
 
@@ -372,7 +373,9 @@ def train_and_evaluate(config, workdir: str, log=print) -> list[dict]:
     from fmlm_jax.objectives import distill as distill_lib
 
     _check_sections(config)
-    os.makedirs(workdir, exist_ok=True)
+    local = "://" not in workdir  # a gs://... workdir: Orbax and TensorBoard write there directly
+    if local:
+        os.makedirs(workdir, exist_ok=True)
     manager = checkpoints.open_manager(workdir, max_to_keep=config.train.get("keep_last", 3),
                                        keep_period=config.train.get("keep_every") or None)
     if manager.latest_step() is not None:  # before anything expensive: is it this run's workdir?
@@ -423,8 +426,8 @@ def train_and_evaluate(config, workdir: str, log=print) -> list[dict]:
     is_main = jax.process_index() == 0
     preemption = _Preemption()
 
-    def append(name, row):
-        if is_main:
+    def append(name, row):  # JSON lines beside the checkpoints (local workdirs: no appends on GCS)
+        if is_main and local:
             with open(os.path.join(workdir, name), "a") as f:
                 f.write(json.dumps(row) + "\n")
 
