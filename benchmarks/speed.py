@@ -7,7 +7,7 @@ The last line is one JSON object with medians:
 {"dense_step_s", "projected_step_s", "torch_step_s", "dense_peak_mb", "projected_peak_mb",
  "fmlm_1step_samples_per_s", "torch_fmlm_1step_samples_per_s"}
 
-python benchmarks/speed.py [--width narrow|small] [--batch 8] [--steps 3] [--only a,b]
+python benchmarks/speed.py [--width narrow|small] [--batch 8] [--steps 3] [--only a,b] [--ce-chunk 256]
 
 Throughputs: tokens/s = batch·L/step; samples/s = sequences of length L per second.
 """
@@ -43,7 +43,7 @@ def _model_config(width: str, two_time: bool):
                         cond_dim=cond, dropout=0.0, two_time=two_time)
 
 
-def run_jax_train(width: str, batch: int, steps: int, projected: bool) -> dict:
+def run_jax_train(width: str, batch: int, steps: int, projected: bool, ce_chunk: int) -> dict:
     import jax
     import ml_collections
     import numpy as np
@@ -52,7 +52,7 @@ def run_jax_train(width: str, batch: int, steps: int, projected: bool) -> dict:
 
     config = ml_collections.ConfigDict()
     config.model = _model_config(width, False)
-    config.flm = dict(tau_min=0.0, tau_max=1.0, projected_noise=projected)
+    config.flm = dict(tau_min=0.0, tau_max=1.0, projected_noise=projected, ce_chunk_size=ce_chunk)
     config.train = dict(lr=3e-4, warmup_steps=10, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
                         grad_clip=1.0, ema_decay=0.9999)
     state = train.create_train_state(config, jax.random.key(0))
@@ -199,8 +199,8 @@ def run_torch_fmlm(width: str, batch: int, steps: int) -> dict:
 
 
 VARIANTS = {
-    "dense": lambda a: run_jax_train(a.width, a.batch, a.steps, projected=False),
-    "projected": lambda a: run_jax_train(a.width, a.batch, a.steps, projected=True),
+    "dense": lambda a: run_jax_train(a.width, a.batch, a.steps, False, a.ce_chunk),
+    "projected": lambda a: run_jax_train(a.width, a.batch, a.steps, True, a.ce_chunk),
     "torch": lambda a: run_torch_train(a.width, a.batch, a.steps),
     "fmlm": lambda a: run_jax_sample(a.width, a.batch, a.steps, "fmlm", 1, projected=False),
     "fmlm_projected": lambda a: run_jax_sample(a.width, a.batch, a.steps, "fmlm", 1, projected=True),
@@ -217,6 +217,8 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--only", default="", help="comma-separated variants (default: all)")
+    parser.add_argument("--ce-chunk", type=int, default=256,
+                        help="flm.ce_chunk_size: tokens per chunk of the fused output cross-entropy")
     parser.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:  # child process: run one variant, print its JSON
@@ -229,7 +231,7 @@ def main():
     results = {}
     for name in names:
         cmd = [sys.executable, __file__, "--variant", name, "--width", args.width,
-               "--batch", str(args.batch), "--steps", str(args.steps)]
+               "--batch", str(args.batch), "--steps", str(args.steps), "--ce-chunk", str(args.ce_chunk)]
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if out.returncode:
             raise SystemExit(f"variant {name} failed:\n{out.stderr[-3000:]}")

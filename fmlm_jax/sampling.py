@@ -112,14 +112,17 @@ def fmlm_time_grid(vocab_size: int, num_steps: int, gamma: float) -> dict[str, n
 
 
 def fmlm_loop(log_delta, z0: jax.Array, grid: dict, gamma: float, rng, lift=None,
-              noise=None) -> jax.Array:
+              noise=None, scores=None) -> jax.Array:
     """The γ-sampler for any log-denoiser `log_delta(z, τ_s, τ_t)` → log δ (B, L, K).
 
     z̃ = ((1−t̃)/(1−s))·z + ((t̃−s)/(1−s))·δ; for γ > 0, z ← z̃ + (σ̃ − σ)·δ + γσ·ξ,
     which restores the interpolant's noise level σ at t⁺. The last step returns argmax δ.
     For the projected form (SPEC §10): `lift(δ)` = δ·E and `noise(key, shape)` draws ξ·E;
-    by default the state is z itself and ξ ~ N(0, I).
+    by default the state is z itself and ξ ~ N(0, I). `scores(z, τ_s, τ_t)`: anything with
+    the argmax of δ for the last step (default log_delta; the network passes its capped
+    logits, skipping a (B, L, K) log-softmax).
     """
+    scores = log_delta if scores is None else scores
     lift = (lambda d: d) if lift is None else lift
     if noise is None:
         def noise(key, shape):
@@ -143,20 +146,23 @@ def fmlm_loop(log_delta, z0: jax.Array, grid: dict, gamma: float, rng, lift=None
         return z_tilde + (g["sigma_tilde"][i] - g["sigma"][i]) * delta + gamma * g["sigma"][i] * xi
 
     z = jax.lax.fori_loop(0, num_steps - 1, step, z0.astype(jnp.float32))
-    last = num_steps - 1  # argmax δ = argmax log δ: no (B, L, K) exp on the last step
-    log_d = log_delta(z, jnp.full((batch,), g["tau_s"][last]), jnp.full((batch,), g["tau_tilde"][last]))
-    return jnp.argmax(log_d, axis=-1).astype(jnp.int32)
+    last = num_steps - 1
+    final = scores(z, jnp.full((batch,), g["tau_s"][last]), jnp.full((batch,), g["tau_tilde"][last]))
+    return jnp.argmax(final, axis=-1).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "num_steps", "gamma", "projected"))
 def _fmlm_sample(params, config, z0, rng, num_steps, gamma, projected):
-    def log_delta(z, tau_s, tau_t):
+    def capped_logits(z, tau_s, tau_t):  # log δ up to a per-token constant: the same argmax
         logits = model_lib.DiT(config).apply({"params": params}, z, tau_s, tau_t, embedded=projected)
-        return model_lib.log_probs(logits, config.output_cap)
+        return config.output_cap * jnp.tanh(logits / config.output_cap)
+
+    def log_delta(z, tau_s, tau_t):
+        return jax.nn.log_softmax(capped_logits(z, tau_s, tau_t), axis=-1)
 
     grid = fmlm_time_grid(config.vocab_size, num_steps, gamma)
     if not projected:
-        return fmlm_loop(log_delta, z0, grid, gamma, rng)
+        return fmlm_loop(log_delta, z0, grid, gamma, rng, scores=capped_logits)
     embedding = params["vocab_embed"]["embedding"]
     factor = interpolant.projected_noise_factor(embedding)
 
@@ -164,7 +170,7 @@ def _fmlm_sample(params, config, z0, rng, num_steps, gamma, projected):
         return jnp.einsum("bld,ed->ble", jax.random.normal(key, shape, jnp.float32), factor)
 
     return fmlm_loop(log_delta, _start(params, z0, True), grid, gamma, rng,
-                     lift=lambda d: interpolant.lift(d, embedding), noise=noise)
+                     lift=lambda d: interpolant.lift(d, embedding), noise=noise, scores=capped_logits)
 
 
 def fmlm_sample(params, config, z0: jax.Array, num_steps: int, gamma: float = 0.0,
