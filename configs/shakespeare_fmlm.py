@@ -20,7 +20,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.model.two_time = True
     config.flm.projected_noise = False  # distillation draws dense noise (SPEC §5)
     config.data.batch_size = 8 if quick else 32
-    config.train.update(num_steps=2 if quick else 250, lr=1e-3, warmup_steps=1 if quick else 25)
+    config.train.update(num_steps=2 if quick else 200, lr=1e-3, warmup_steps=1 if quick else 25)
     config.distill = ml_collections.ConfigDict(dict(
         method="psd",
         use_teacher=True,
