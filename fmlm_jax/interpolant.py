@@ -59,11 +59,39 @@ def projected_noise_factor(embedding: jax.Array) -> jax.Array:
     return jnp.linalg.cholesky(gram)
 
 
+@jax.custom_vjp
+def noise_factor_t(embedding: jax.Array) -> jax.Array:
+    """Cᵀ (d, d) for E (K, d), with the gradient of the fixed-basis form Cᵀ = sg(Q)ᵀ·E.
+
+    Q = E·C⁻ᵀ (K × d) is an orthonormal basis of E's columns and QᵀE = Cᵀ, so the
+    projected noise ε̃·Cᵀ equals (ε·Q)·QᵀE with ε̃ = ε·Q. Holding Q fixed, ∂L/∂E = Q·M with
+    M = ∂L/∂Cᵀ: since E[ε | ε·Q] = (ε·Q)·Qᵀ, this equals the dense path's gradient εᵀ·∂L/∂h
+    in expectation (tested), and costs one K×d² product and a triangular solve instead
+    of backpropagating through the Gram matrix and the Cholesky factorisation.
+    """
+    return projected_noise_factor(embedding).T
+
+
+def _noise_factor_t_fwd(embedding):
+    factor = projected_noise_factor(embedding)
+    return factor.T, (embedding, factor)
+
+
+def _noise_factor_t_bwd(residuals, m):
+    embedding, factor = residuals
+    # Q·M = E·C⁻ᵀ·M: solve Cᵀ·X = M, then E·X.
+    x = jax.scipy.linalg.solve_triangular(factor, m, lower=True, trans="T")
+    grad = jnp.dot(embedding.astype(jnp.float32), x, precision=jax.lax.Precision.HIGHEST)
+    return (grad.astype(embedding.dtype),)
+
+
+noise_factor_t.defvjp(_noise_factor_t_fwd, _noise_factor_t_bwd)
+
+
 def projected_noisy(tokens: jax.Array, t: jax.Array, eps_d: jax.Array,
                     embedding: jax.Array) -> jax.Array:
     """h_t = x_t·E in distribution: (1 − t)·ε̃·Cᵀ + t·E[x₁], ε̃ ~ N(0, I_d) (B, L, d)."""
-    factor = projected_noise_factor(embedding)
-    noise = jnp.einsum("bld,ed->ble", eps_d.astype(jnp.float32), factor)
+    noise = jnp.einsum("bld,de->ble", eps_d.astype(jnp.float32), noise_factor_t(embedding))
     t = _rows(t, noise)
     return (1.0 - t) * noise + t * embedding.astype(jnp.float32)[tokens]
 

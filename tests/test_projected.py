@@ -131,7 +131,7 @@ def _grad_samples(params, cfg, tokens, tau, projected, keys, detach_factor=False
 
 def test_projected_gradient_into_the_input_matrix_matches_dense_in_expectation():
     # The reference trains E through the dense input x_t·E; the projected path must give
-    # the same gradient in expectation, which needs the gradient through C = chol(EᵀE).
+    # the same gradient in expectation, which needs a gradient through the factor C.
     cfg = tiny_model_config(vocab_size=24, hidden_size=8, n_heads=2, n_blocks=1, cond_dim=8)
     params = randomize(init_params(cfg, jax.random.key(0)), jax.random.key(1))
     params["vocab_embed"]["embedding"] = params["vocab_embed"]["embedding"] * 3.0  # noise matters
