@@ -43,7 +43,7 @@ def quiet(*_):
 
 def test_accumulated_gradient_equals_the_full_batch_gradient():
     # τ = 1 makes x_t the one-hot data (no noise) and dropout is off, so the loss is a
-    # deterministic mean over tokens: 4 micro-batches must give the one-batch gradient.
+    # deterministic mean over tokens: 2 micro-batches must give the one-batch gradient.
     config = ml_collections.ConfigDict()
     config.model = tiny_model_config()
     config.flm = dict(tau_min=1.0, tau_max=1.0)
@@ -52,15 +52,15 @@ def test_accumulated_gradient_equals_the_full_batch_gradient():
     tokens = jax.random.randint(jax.random.key(2), (8, 6), 0, config.model.vocab_size)
     batch = {"tokens": tokens}
     full, full_metrics = jax.jit(lambda p: train.gradients(p, batch, jax.random.key(3), config))(params)
-    config.train.grad_accum_steps = 4
+    config.train.grad_accum_steps = 2
     acc, acc_metrics = jax.jit(lambda p: train.gradients(p, batch, jax.random.key(3), config))(params)
     diffs = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), full, acc)
     scale = max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda a: float(jnp.max(jnp.abs(a))), full)))
     assert max(jax.tree_util.tree_leaves(diffs)) < 1e-5 * scale
     assert float(acc_metrics["loss"]) == pytest.approx(float(full_metrics["loss"]), rel=1e-6)
-    # strided micro-batches: micro-batch i holds rows i, i+4 (a device's rows stay local)
-    micro = train._micro_batches(jnp.arange(8), 4)
-    np.testing.assert_array_equal(np.asarray(micro), [[0, 4], [1, 5], [2, 6], [3, 7]])
+    # strided micro-batches: micro-batch i holds rows i, i+2, ... (a device's rows stay local)
+    micro = train._micro_batches(jnp.arange(8), 2)
+    np.testing.assert_array_equal(np.asarray(micro), [[0, 2, 4, 6], [1, 3, 5, 7]])
 
 
 def test_cosine_schedule_warms_up_then_decays_to_the_final_fraction():
@@ -233,8 +233,7 @@ EIGHT_DEVICE_SCRIPT = textwrap.dedent(
         return [[r["train/loss"], r["train/grad_norm"]] for r in rows]
 
     out = {}
-    for name, devices, data, fsdp, accum in [("1", 1, 1, 1, 1), ("8x1", 8, 8, 1, 1),
-                                             ("2x4", 8, 2, 4, 1), ("1x8", 8, 1, 8, 1),
+    for name, devices, data, fsdp, accum in [("1", 1, 1, 1, 1), ("8x1", 8, 8, 1, 1), ("1x8", 8, 1, 8, 1),
                                              ("1 accum2", 1, 1, 1, 2), ("8x1 accum2", 8, 8, 1, 2)]:
         import fmlm_jax.sharding as sh
         original = sh.make_mesh
@@ -260,10 +259,10 @@ def eight_devices(tmp_path_factory):
     return json.loads(line[len("RESULT "):])
 
 
-@pytest.mark.parametrize("mesh", ["8x1", "2x4", "1x8"])
+@pytest.mark.parametrize("mesh", ["8x1", "1x8"])
 def test_the_loop_on_8_devices_matches_one_device(eight_devices, mesh):
     # Same global batch, times, noise and dropout masks on every mesh: only the reduction
-    # order differs (dropout 0.1, four AdamW steps).
+    # order differs (dropout 0.1, four AdamW steps). Mixed meshes: tests/test_sharding.py.
     np.testing.assert_allclose(eight_devices[mesh], eight_devices["1"], rtol=2e-5)
 
 
