@@ -175,41 +175,6 @@ def run_demo(flm_config, fmlm_config, workdir: str, evaluator: str | None = None
     return results
 
 
-# ============================================================================ synthetic check
-
-
-def run(config, log=print) -> dict:
-    """The foundation's in-memory check, kept for tests/test_train.py (not the demo): trains a
-    tiny FLM on `fmlm_jax.data.synthetic` phrases (configs/synthetic_demo.py) and samples with
-    the EMA weights. Returns {"losses", "valid_bigrams" (per step count), "params"}."""
-    import jax
-
-    from fmlm_jax import sampling
-    from fmlm_jax.data import synthetic
-
-    tokenizer = synthetic.WordTokenizer()
-    if len(tokenizer) != config.model.vocab_size:
-        raise ValueError(f"model.vocab_size is {config.model.vocab_size} but the synthetic "
-                         f"vocabulary has {len(tokenizer)} words")
-    init_rng, train_rng, sample_rng = jax.random.split(jax.random.key(config.seed), 3)
-    state = train.create_train_state(config, init_rng)
-    step_fn = train.jit_train_step(config)
-    data = synthetic.batches(config.data.batch_size, config.data.seq_len, config.seed, tokenizer)
-    losses = []
-    for step in range(1, config.train.num_steps + 1):
-        state, metrics = step_fn(state, next(data), train_rng)
-        if step % config.train.log_every == 0 or step == config.train.num_steps:
-            losses.append((step, float(metrics["loss"])))
-            log(f"step {step:5d}  loss {losses[-1][1]:.4f}")
-    quality = {}
-    z0 = jax.random.normal(sample_rng, (config.sample.num_samples, config.data.seq_len,
-                                        config.model.vocab_size))
-    for num_steps in config.sample.steps:
-        ids = np.asarray(sampling.flm_sample(state.ema_params, config.model, z0, num_steps))
-        quality[num_steps] = synthetic.valid_bigram_fraction(ids, tokenizer)
-    return {"losses": losses, "valid_bigrams": quality, "params": state.ema_params}
-
-
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # progress is printed; library INFO logs are noise
