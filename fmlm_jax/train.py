@@ -192,15 +192,26 @@ def peak_flops_per_device(config) -> float | None:
     return next((tflops * 1e12 for prefix, tflops in PEAK_TFLOPS if kind.startswith(prefix)), None)
 
 
-def flm_flops_per_token(model_config, seq_len: int) -> float:
-    """Model FLOPs of one FLM training token (forward + backward = 3 × forward), counting
-    every matmul once: the K×d input product of the dense path (a matmul on noisy one-hot
-    vectors, not a lookup), the blocks, attention scores and values, and the d×K output.
-    The usual MFU convention (6·N + 12·n·d·L); recomputation is not counted."""
+def forward_flops_per_token(model_config, seq_len: int, dense_input: bool = True) -> dict[str, float]:
+    """Matmul FLOPs of one token's forward pass, by part (2 per multiply-add): the K×d input
+    product of the dense path (a matmul on noisy one-hot vectors; a gather when projected),
+    the blocks' linear layers, attention scores and values, and the d×K output layer.
+    (benchmarks/flops.py counts the same per batch, with bytes, for the GPU estimates.)"""
     d, k, n = model_config.hidden_size, model_config.vocab_size, model_config.n_blocks
     mlp = model_config.get("mlp_ratio", 4)
-    per_block = 2 * (3 * d * d + d * d + 2 * mlp * d * d) + 2 * 2 * seq_len * d
-    return 3.0 * (2 * k * d + n * per_block + 2 * d * k)
+    return {"input": 2.0 * k * d if dense_input else 0.0,
+            "blocks_linear": 2.0 * n * (4 + 2 * mlp) * d * d,  # qkv 3d², out d², MLP 2·mlp·d²
+            "attention": 2.0 * n * 2 * seq_len * d,  # QKᵀ and AV
+            "output": 2.0 * d * k}
+
+
+def flm_flops_per_token(config) -> float:
+    """Model FLOPs of one FLM training token: forward + backward, the backward twice the
+    forward except for the input product, whose only gradient is dE (the usual MFU count,
+    6·N + 12·n·d·L in spirit; recomputation not counted)."""
+    parts = forward_flops_per_token(config.model, config.data.seq_len,
+                                    dense_input=not config.flm.get("projected_noise", False))
+    return 3.0 * sum(parts.values()) - parts["input"]
 
 
 def _process_batch_size(config) -> int:
@@ -418,7 +429,7 @@ def train_and_evaluate(config, workdir: str, log=print) -> list[dict]:
                                                every_steps=log_every, every_secs=None)
     tokens_per_step = config.data.batch_size * config.data.seq_len
     peak = peak_flops_per_device(config)
-    flops_per_step = (flm_flops_per_token(config.model, config.data.seq_len) * tokens_per_step
+    flops_per_step = (flm_flops_per_token(config) * tokens_per_step
                       if config.get("mode", "train") == "train" else None)
     meta = {"rng": np.asarray(jax.random.key_data(step_rng)).tolist()}
     if teacher_reference:

@@ -78,20 +78,33 @@ def test_cosine_schedule_warms_up_then_decays_to_the_final_fraction():
         train.learning_rate(config)
 
 
-def test_flop_count_matches_xla_for_the_forward_pass():
-    # The analytic model FLOPs per token (used for MFU) against XLA's own count of the
-    # compiled forward pass, at a size where matmuls dominate (elementwise work ~5%).
-    cfg = model.model_config("tiny", 2048, hidden_size=128, cond_dim=32, n_blocks=2, n_heads=4)
+def test_flop_counts_match_xla_for_forward_and_gradient():
+    # The analytic model FLOPs (used for MFU) against XLA's own count of the compiled forward
+    # pass and of the gradient, at a size where matmuls dominate (elementwise work ~2-5%).
+    cfg = model.model_config("tiny", 2048, hidden_size=128, cond_dim=32, n_blocks=2, n_heads=4,
+                             dropout=0.0)
     batch, length = 2, 64
     params = model.param_shapes(cfg)
     z = jax.ShapeDtypeStruct((batch, length, cfg.vocab_size), jnp.float32)
     tau = jax.ShapeDtypeStruct((batch,), jnp.float32)
-    forward = jax.jit(lambda p, z, t: model.DiT(cfg).apply({"params": p}, z, t))
-    compiled = forward.lower(params, z, tau).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    analytic_forward = train.flm_flops_per_token(cfg, length) / 3 * batch * length
-    assert cost["flops"] == pytest.approx(analytic_forward, rel=0.1)
+    tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+
+    def forward(p, z, t):
+        return model.DiT(cfg).apply({"params": p}, z, t)
+
+    def loss(p, z, t, tokens):
+        log_p = jax.nn.log_softmax(forward(p, z, t))
+        return -jnp.take_along_axis(log_p, tokens[..., None], -1).mean()
+
+    def xla_flops(fn, *args):
+        cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+        return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+    analytic_forward = sum(train.forward_flops_per_token(cfg, length).values()) * batch * length
+    assert xla_flops(forward, params, z, tau) == pytest.approx(analytic_forward, rel=0.1)
+    config = ml_collections.ConfigDict(dict(model=cfg, data=dict(seq_len=length), flm=dict()))
+    analytic_step = train.flm_flops_per_token(config) * batch * length
+    assert xla_flops(jax.grad(loss), params, z, tau, tokens) == pytest.approx(analytic_step, rel=0.1)
 
 
 # ----------------------------------------------------------------------------- the loop
