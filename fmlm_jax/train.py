@@ -271,13 +271,17 @@ def make_decoder(config):
 
 def sample_tokens(params, config, rng: jax.Array, num: int) -> jax.Array:
     """`num` sequences for a look during training: FLM with `train.sample_steps` Euler steps,
-    FMLM with one step at γ = 0 (the reference's validation setting, SPEC §6)."""
+    FMLM with one step at γ = 0 (the reference's validation setting, SPEC §6). With
+    `flm.projected_noise` the samplers start from (num, L, d) noise, not (num, L, K)."""
     from fmlm_jax import sampling
 
-    z0 = jax.random.normal(rng, (num, config.data.seq_len, config.model.vocab_size), jnp.float32)
+    projected = bool(config.flm.get("projected_noise", False))
+    width = config.model.hidden_size if projected else config.model.vocab_size
+    z0 = jax.random.normal(rng, (num, config.data.seq_len, width), jnp.float32)
     if config.get("mode", "train") == "distill":
-        return sampling.fmlm_sample(params, config.model, z0, 1, gamma=0.0)
-    return sampling.flm_sample(params, config.model, z0, int(config.train.get("sample_steps", 32)))
+        return sampling.fmlm_sample(params, config.model, z0, 1, gamma=0.0, projected=projected)
+    return sampling.flm_sample(params, config.model, z0, int(config.train.get("sample_steps", 32)),
+                               projected=projected)
 
 
 def _teacher(config):
