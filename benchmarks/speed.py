@@ -43,6 +43,18 @@ def _model_config(width: str, two_time: bool):
                         cond_dim=cond, dropout=0.0, two_time=two_time)
 
 
+def _median_seconds(fn, steps: int) -> float:
+    """Median seconds of fn() over `steps` calls after one warm-up (compiling) call; fn must
+    finish its work before returning (block on JAX results)."""
+    fn()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def run_jax_train(width: str, batch: int, steps: int, projected: bool, ce_chunk: int) -> dict:
     import jax
     import ml_collections
@@ -60,15 +72,13 @@ def run_jax_train(width: str, batch: int, steps: int, projected: bool, ce_chunk:
     tokens = np.random.default_rng(0).integers(0, VOCAB, (batch, LENGTH)).astype(np.int32)
     batch_dict = {"tokens": jax.numpy.asarray(tokens)}
     rng = jax.random.key(1)
-    state, metrics = step_fn(state, batch_dict, rng)  # compile
-    jax.block_until_ready(metrics["loss"])
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        state, metrics = step_fn(state, batch_dict, rng)
+    carry = {"state": state}  # each step donates the previous state
+
+    def step():
+        carry["state"], metrics = step_fn(carry["state"], batch_dict, rng)
         jax.block_until_ready(metrics["loss"])
-        times.append(time.perf_counter() - start)
-    step_s = statistics.median(times)
+
+    step_s = _median_seconds(step, steps)
     return {"step_s": step_s, "tokens_per_s": batch * LENGTH / step_s, "peak_mb": _peak_mb()}
 
 
@@ -98,27 +108,8 @@ def run_torch_train(width: str, batch: int, steps: int) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
 
-    step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    step_s = statistics.median(times)
+    step_s = _median_seconds(step, steps)
     return {"step_s": step_s, "tokens_per_s": batch * LENGTH / step_s, "peak_mb": _peak_mb()}
-
-
-def _time_calls(fn, steps: int) -> float:
-    """Median seconds of fn() after one compile/warm-up call."""
-    import jax
-
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def run_jax_sample(width: str, batch: int, steps: int, kind: str, num_steps: int,
@@ -137,7 +128,8 @@ def run_jax_sample(width: str, batch: int, steps: int, kind: str, num_steps: int
         fn = lambda: fmlm_sample(params, cfg, z0, num_steps, projected=projected)  # noqa: E731
     else:
         fn = lambda: flm_sample(params, cfg, z0, num_steps, projected=projected)  # noqa: E731
-    return {"samples_per_s": batch / _time_calls(fn, steps), "peak_mb": _peak_mb()}
+    return {"samples_per_s": batch / _median_seconds(lambda: jax.block_until_ready(fn()), steps),
+            "peak_mb": _peak_mb()}
 
 
 def run_torch_flm(width: str, batch: int, steps: int, num_steps: int) -> dict:
@@ -165,13 +157,7 @@ def run_torch_flm(width: str, batch: int, steps: int, num_steps: int) -> dict:
                 return d.argmax(-1)
             z = z + (t[i + 1] - t[i]) * (d - z) / (1 - t[i] + 1e-5)
 
-    sample()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        sample()
-        times.append(time.perf_counter() - start)
-    return {"samples_per_s": batch / statistics.median(times), "peak_mb": _peak_mb()}
+    return {"samples_per_s": batch / _median_seconds(sample, steps), "peak_mb": _peak_mb()}
 
 
 def run_torch_fmlm(width: str, batch: int, steps: int) -> dict:
@@ -189,13 +175,7 @@ def run_torch_fmlm(width: str, batch: int, steps: int) -> dict:
         logits = model(z0, torch.zeros(batch), torch.ones(batch))
         return torch.log_softmax(30 * torch.tanh(logits / 30), -1).argmax(-1)
 
-    sample()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        sample()
-        times.append(time.perf_counter() - start)
-    return {"samples_per_s": batch / statistics.median(times), "peak_mb": _peak_mb()}
+    return {"samples_per_s": batch / _median_seconds(sample, steps), "peak_mb": _peak_mb()}
 
 
 VARIANTS = {
