@@ -382,17 +382,31 @@ def train_and_evaluate(config, workdir: str, log=print) -> list[dict]:
     be a gs:// URL (checkpoints and TensorBoard events go there; the .jsonl files are only
     written to local workdirs). Returns the metric rows logged by this call.
     """
+    from fmlm_jax import checkpoints
+
+    _check_sections(config)
+    if _is_local(workdir):  # a gs://... workdir: Orbax and TensorBoard write there directly
+        os.makedirs(workdir, exist_ok=True)
+    manager = checkpoints.open_manager(workdir, max_to_keep=config.train.get("keep_last", 3),
+                                       keep_period=config.train.get("keep_every") or None)
+    try:  # whatever fails, pending checkpoint writes finish and the manager's threads stop
+        return _train(config, workdir, manager, log)
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+
+
+def _is_local(workdir: str) -> bool:
+    return "://" not in workdir
+
+
+def _train(config, workdir: str, manager, log) -> list[dict]:
+    """The body of `train_and_evaluate`, given the workdir's checkpoint manager."""
     from clu import metric_writers, periodic_actions
 
     from fmlm_jax import checkpoints, sharding
     from fmlm_jax.objectives import distill as distill_lib
 
-    _check_sections(config)
-    local = "://" not in workdir  # a gs://... workdir: Orbax and TensorBoard write there directly
-    if local:
-        os.makedirs(workdir, exist_ok=True)
-    manager = checkpoints.open_manager(workdir, max_to_keep=config.train.get("keep_last", 3),
-                                       keep_period=config.train.get("keep_every") or None)
     if manager.latest_step() is not None:  # before anything expensive: is it this run's workdir?
         _check_same_run(checkpoints.read_metadata(manager), config, workdir)
     mesh_config = config.get("mesh") or {}
@@ -403,9 +417,8 @@ def train_and_evaluate(config, workdir: str, log=print) -> list[dict]:
     eval_rng, sample_rng = jax.random.split(jax.random.fold_in(run_rng, 1))
 
     teacher, teacher_reference = _teacher(config)  # referenced by path + hash, never saved
-    teacher_sh = sharding.param_shardings(teacher, mesh) if teacher is not None else None
     if teacher is not None:
-        teacher = sharding.place(teacher, teacher_sh)
+        teacher = sharding.place(teacher, sharding.param_shardings(teacher, mesh))
         params = distill_lib.init_student(teacher, config.model, init_rng)
         state = sharding.init_train_state(config, mesh, init_rng, params=params)
     else:
@@ -442,7 +455,7 @@ def train_and_evaluate(config, workdir: str, log=print) -> list[dict]:
     preemption = _Preemption()
 
     def append(name, row):  # JSON lines beside the checkpoints (local workdirs: no appends on GCS)
-        if is_main and local:
+        if is_main and _is_local(workdir):
             with open(os.path.join(workdir, name), "a") as f:
                 f.write(json.dumps(row) + "\n")
 
@@ -506,8 +519,6 @@ def train_and_evaluate(config, workdir: str, log=print) -> list[dict]:
     finally:
         preemption.close()
         writer.flush()
-        manager.wait_until_finished()
-        manager.close()
     return rows
 
 
