@@ -68,7 +68,7 @@ def base_config(two_time: bool, mode: str, num_steps: int, method: str = "psd"):
                           boundary_prob=8.0, offdiag_sampling="uniform_diff",
                           use_mse_loss_psd=False, rescale_offdiag_loss_psd=False,
                           use_ema_for_psd_target=False, use_teacher_for_D_t_lsd=False,
-                          entmax_temp_lsd=1.0)
+                          entmax_temp_lsd=2.0)
     return config
 
 

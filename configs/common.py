@@ -23,7 +23,7 @@ def psd_distill(teacher_path: str = "") -> ml_collections.ConfigDict:
             rescale_offdiag_loss_psd=False,
             use_ema_for_psd_target=False,  # PSD targets from the student's current weights
             use_teacher_for_D_t_lsd=False,  # LSD only (reference default: the student's δ_{t,t})
-            entmax_temp_lsd=1.0,  # LSD only
+            entmax_temp_lsd=2.0,  # LSD only: the entmax α of the target projection (2 = sparsemax)
         )
     )
 

@@ -34,7 +34,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         rescale_offdiag_loss_psd=False,
         use_ema_for_psd_target=False,
         use_teacher_for_D_t_lsd=False,
-        entmax_temp_lsd=1.0,
+        entmax_temp_lsd=2.0,
     ))
     config.sample.update(steps=(1, 2) if quick else (1, 2, 4, 8), gamma=0.8)  # SPEC §6: γ = 0.8 on LM1B
     return config

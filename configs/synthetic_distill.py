@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
             rescale_offdiag_loss_psd=False,
             use_ema_for_psd_target=False,
             use_teacher_for_D_t_lsd=False,
-            entmax_temp_lsd=1.0,
+            entmax_temp_lsd=2.0,
         )
     )
     return config

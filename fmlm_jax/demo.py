@@ -157,7 +157,7 @@ def run_demo(flm_config, fmlm_config, workdir: str, evaluator: str | None = None
     t0 = stage("sampling", t0)
 
     evaluator = evaluator or flm_config.eval.evaluator
-    tok = tokenizers.load_tokenizer(tok_dir)
+    tok = tokenizers.load_model_tokenizer(tok_dir, flm_config.model.vocab_size)
     log(f"scoring with {evaluator} (loaded once)")
     evaluate.score([reference], tok, evaluator, seq_len, flm_config.eval.batch_size, log)
     for label, model in models.items():

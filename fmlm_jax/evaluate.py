@@ -267,8 +267,17 @@ def _sample_models(args, log: Log) -> tuple[dict, str, int]:
                   args.gamma, args.batch_size, log)
     label = args.label or kind.upper()
     model = dict(checkpoint=os.path.abspath(args.checkpoint), sampler=kind, gamma=args.gamma,
-                 tokenizer=tokenizer, rows=rows)
+                 tokenizer=tokenizer, vocab_size=int(model_config.vocab_size), rows=rows)
     return {label: model}, tokenizer, int(seq_len)
+
+
+def _model_tokenizer(name: str, model: dict):
+    """The model's tokenizer, sized to its vocabulary (gpt2 gains the OWT models' [PAD])."""
+    from fmlm_jax.data import tokenizers
+
+    if model.get("vocab_size"):
+        return tokenizers.load_model_tokenizer(name, int(model["vocab_size"]))
+    return tokenizers.load_tokenizer(name)
 
 
 def main(argv: Sequence[str] | None = None, log: Log = print) -> int:
@@ -283,21 +292,19 @@ def main(argv: Sequence[str] | None = None, log: Log = print) -> int:
         results = dict(models=models, reference=None, seq_len=seq_len, num_samples=args.num_samples,
                        seed=args.seed)
     if args.command == "sample":
-        from fmlm_jax.data import tokenizers
 
         for model in models.values():
-            tok = tokenizers.load_tokenizer(model["tokenizer"])
+            tok = _model_tokenizer(model["tokenizer"], model)
             for row in model["rows"]:
                 row["texts"] = evaluation.decode_keep_special(tok, row["token_ids"])
         log(f"wrote {write_json(results, os.path.join(args.out, 'samples.json'))}")
         return 0
 
-    from fmlm_jax.data import tokenizers
 
     results["evaluator"] = args.evaluator
     for label, model in models.items():
         log(f"scoring {label} with {args.evaluator}")
-        score(model["rows"], tokenizers.load_tokenizer(args.tokenizer or model["tokenizer"]),
+        score(model["rows"], _model_tokenizer(args.tokenizer or model["tokenizer"], model),
               args.evaluator, seq_len, args.eval_batch_size, log)
     write_outputs(results, args.out, log)
     return 0

@@ -52,6 +52,8 @@ from typing import Any
 
 import numpy as np
 
+from fmlm_jax.data import tokenizers
+
 DEFAULT_CHUNK_SIZE = 1024  # SPEC §8: scored in chunks of 1024 tokens
 _INSTALL_HINT = 'the evaluator needs torch and transformers: pip install -e ".[eval]"'
 
@@ -118,11 +120,9 @@ def load_evaluator(evaluator: str = "gpt2-large", device: str = "cpu", dtype: st
 
 
 def decode_keep_special(tokenizer: Any, token_ids) -> list[str]:
-    """Texts of (B, L) model token ids, special tokens kept (SPEC §8: LM1B keeps [CLS]/[SEP]).
-
-    `tokenizer` is a Hugging Face tokenizer of the *model* (not of the evaluator)."""
-    ids = np.asarray(token_ids).tolist()
-    return list(tokenizer.batch_decode(ids, skip_special_tokens=False))
+    """Texts of (B, L) model token ids for scoring (SPEC §8): `fmlm_jax.data.tokenizers.decode`
+    (special tokens kept, transformers-4 clean-up). `tokenizer` is the *model's*."""
+    return tokenizers.decode(tokenizer, token_ids)
 
 
 def _rows(ids: list[int], eos_id: int, chunk_size: int) -> list[tuple[list[int], list[bool]]]:

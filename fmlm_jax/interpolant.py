@@ -18,6 +18,19 @@ def _rows(t: jax.Array, like: jax.Array) -> jax.Array:
     return t.reshape(t.shape + (1,) * (like.ndim - t.ndim))
 
 
+def row_keys(rng: jax.Array, n: int) -> jax.Array:
+    """One key per row of a global batch: rng folded with the row index, (n,) keys.
+
+    A row's noise then depends only on its position in the global batch, so splitting the
+    batch into micro-batches (gradient accumulation) draws exactly the same numbers."""
+    return jax.vmap(lambda r: jax.random.fold_in(rng, r))(jnp.arange(n))
+
+
+def row_normal(keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Standard normal noise (N, *shape), row i drawn from keys[i] (see `row_keys`)."""
+    return jax.vmap(lambda key: jax.random.normal(key, shape, jnp.float32))(keys)
+
+
 def noisy(tokens: jax.Array, t: jax.Array, eps: jax.Array) -> jax.Array:
     """x_t (B, L, K) from token ids (B, L), times t (B,) and noise ε (B, L, K)."""
     onehot = jax.nn.one_hot(tokens, eps.shape[-1], dtype=eps.dtype)

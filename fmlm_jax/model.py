@@ -303,6 +303,25 @@ def _apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
 
 
+def attention_scores(q: jax.Array, k: jax.Array, softcap: float) -> jax.Array:
+    """Softcapped attention scores (B, H, L, L), float32: cap·tanh(q·kᵀ/√hd / cap) (SPEC §3.4).
+
+    q·kᵀ is accumulated in float32 whatever the dtype of q and k (SPEC §4: flash attention
+    accumulates in float32; a bf16 product would round the scores to 2⁻⁹ relative before
+    the softcap and the softmax)."""
+    scores = jnp.einsum("blhd,bmhd->bhlm", q, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(q.shape[-1])
+    return softcap * jnp.tanh(scores / softcap)
+
+
+def softcap_attention(q: jax.Array, k: jax.Array, v: jax.Array, softcap: float) -> jax.Array:
+    """Bidirectional attention with a logit softcap, (B, L, H, hd) → (B, L, H, hd): softmax
+    over keys of `attention_scores` in float32, the weights cast to v's dtype for the
+    product with v."""
+    weights = jax.nn.softmax(attention_scores(q, k, softcap), axis=-1).astype(v.dtype)
+    return jnp.einsum("bhlm,bmhd->blhd", weights, v)
+
+
 class DiTBlock(nn.Module):
     """Pre-LN transformer block with adaLN modulation and gated residuals (SPEC §3.4)."""
 
@@ -327,11 +346,7 @@ class DiTBlock(nn.Module):
         qkv = qkv.reshape(batch, length, 3, self.n_heads, head_dim)  # f = which·d + head·hd + dim
         q = _apply_rotary(qkv[:, :, 0], *rope)
         k = _apply_rotary(qkv[:, :, 1], *rope)
-        v = qkv[:, :, 2]
-        scores = jnp.einsum("blhd,bmhd->bhlm", q, k).astype(jnp.float32) / math.sqrt(head_dim)
-        scores = self.attn_softcap * jnp.tanh(scores / self.attn_softcap)
-        weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        o = jnp.einsum("bhlm,bmhd->blhd", weights, v).reshape(batch, length, d)
+        o = softcap_attention(q, k, qkv[:, :, 2], self.attn_softcap).reshape(batch, length, d)
         o = Linear(d, use_bias=False, name="attn_out", **dense)(o)
         o = nn.Dropout(self.dropout, deterministic=not train)(o)
         h = h + (gate1 * o).astype(jnp.float32)  # the residual stream stays float32
@@ -470,3 +485,24 @@ def param_shapes(config) -> dict:
 
 def count_params(params) -> int:
     return sum(int(math.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
+
+
+def log_denoiser(params, model_config, *, train: bool = False, rng: jax.Array | None = None,
+                 embedded: bool = False):
+    """The network as a function `(z, τ_s, τ_t) → log δ (B, L, K)` (capped log-softmax).
+
+    The one place where parameters become a log-denoiser: objectives, samplers and tests
+    call it instead of writing the closure. A one-time model ignores τ_t (pass None or
+    anything). train: dropout on, with `rng` (one dropout key per call site: make one
+    denoiser per site). embedded: z is the projected input h = z·E (B, L, d) (SPEC §10).
+    """
+    net = DiT(model_config)
+    cfg = resolve_config(model_config)
+    rngs = {"dropout": rng} if (train and rng is not None) else None
+
+    def log_delta(z, tau_s, tau_t=None):
+        logits = net.apply({"params": params}, z, tau_s, tau_t if cfg.two_time else None,
+                           train=train, rngs=rngs, embedded=embedded)
+        return log_probs(logits, cfg.output_cap)
+
+    return log_delta

@@ -31,7 +31,7 @@ import optax
 from jax.experimental import multihost_utils
 
 from fmlm_jax import model as model_lib
-from fmlm_jax.objectives import distill, flm
+from fmlm_jax import objectives
 
 
 @flax.struct.dataclass
@@ -91,13 +91,13 @@ def create_train_state(config, rng: jax.Array, params=None) -> TrainState:
 
 
 def loss_fn(params, batch, rng, config, teacher_params=None, ema_params=None, train: bool = True):
-    """The objective the config selects: FLM (`mode='train'`) or FMLM (`mode='distill'`)."""
-    mode = config.get("mode", "train")
-    if mode == "train":
-        return flm.flm_loss(params, batch, rng, config, train=train)
-    if mode == "distill":
-        return distill.distill_loss(params, batch, rng, config, teacher_params, ema_params, train=train)
-    raise ValueError(f"config.mode must be 'train' or 'distill', got {mode!r}")
+    """The objective the config selects, over the whole batch: (loss, metrics)."""
+    objective = objectives.for_config(config)
+    k_plan, k_dropout = jax.random.split(rng)
+    plan = objective.draw_plan(k_plan, batch["tokens"].shape[0], config)
+    metrics = objectives.finalize(objective.loss_terms(params, batch, plan, k_dropout, config,
+                                                       teacher_params, ema_params, train))
+    return metrics["loss"], metrics
 
 
 def grad_accum_steps(config) -> int:
@@ -111,31 +111,43 @@ def _micro_batches(x: jax.Array, n: int) -> jax.Array:
 
 
 def gradients(params, batch, rng, config, teacher_params=None, ema_params=None):
-    """(grads, metrics) of `loss_fn`, averaged over `train.grad_accum_steps` micro-batches.
+    """(grads, metrics) of the objective over the global batch, in `train.grad_accum_steps`
+    micro-batches.
 
-    With accumulation, each micro-batch draws its own antithetic times (and, distilling,
-    its own row split) from `rng` folded with its index: the gradient is the mean of the
-    micro-batch gradients, which equals the one-batch gradient when every token is valid
-    (wrapped data has no padding), up to the times' stratification.
+    The per-row plan (times, row kinds, noise keys) is drawn once for the global batch and
+    sliced, so accumulation changes memory, not the update: the antithetic strata and the
+    distillation row split (boundary rows included) are those of the whole batch, every
+    row gets the same noise, and the sums of loss and token counts over micro-batches
+    are divided once. Only the dropout masks differ (one key per micro-batch).
     """
-    def grad_fn(micro_batch, key):
-        return jax.grad(loss_fn, has_aux=True)(params, micro_batch, key, config, teacher_params,
-                                               ema_params)
+    objective = objectives.for_config(config)
+    k_plan, k_dropout = jax.random.split(rng)
+    plan = objective.draw_plan(k_plan, batch["tokens"].shape[0], config)
+
+    def grad_fn(micro_batch, micro_plan, key):
+        def loss_sum(p):
+            terms = objective.loss_terms(p, micro_batch, micro_plan, key, config, teacher_params,
+                                         ema_params)
+            return terms["loss"][0], terms
+        return jax.grad(loss_sum, has_aux=True)(params)
 
     n = grad_accum_steps(config)
     if n == 1:
-        return grad_fn(batch, rng)
-    micro = jax.tree_util.tree_map(lambda x: _micro_batches(x, n), batch)
-    first = jax.tree_util.tree_map(lambda x: x[0], micro)
-    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(grad_fn, first, rng))
+        grads, terms = grad_fn(batch, plan, k_dropout)
+    else:
+        micro = jax.tree_util.tree_map(lambda x: _micro_batches(x, n), (batch, plan))
+        first = jax.tree_util.tree_map(lambda x: x[0], micro)
+        zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                       jax.eval_shape(grad_fn, *first, k_dropout))
 
-    def add_micro_batch(total, xs):
-        index, micro_batch = xs
-        out = grad_fn(micro_batch, jax.random.fold_in(rng, index))
-        return jax.tree_util.tree_map(jnp.add, total, out), None
+        def add_micro_batch(total, xs):
+            index, (micro_batch, micro_plan) = xs
+            out = grad_fn(micro_batch, micro_plan, jax.random.fold_in(k_dropout, index))
+            return jax.tree_util.tree_map(jnp.add, total, out), None
 
-    total, _ = jax.lax.scan(add_micro_batch, zeros, (jnp.arange(n), micro))
-    return jax.tree_util.tree_map(lambda x: x / n, total)
+        (grads, terms), _ = jax.lax.scan(add_micro_batch, zeros, (jnp.arange(n), micro))
+    count = jnp.maximum(terms["loss"][1], 1.0)
+    return jax.tree_util.tree_map(lambda g: g / count, grads), objectives.finalize(terms)
 
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array, config,
@@ -258,15 +270,12 @@ def make_decoder(config):
     if config.data.get("source", "synthetic") == "synthetic":
         tokenizer = synthetic.WordTokenizer()
         return lambda ids: [tokenizer.decode(row) for row in np.asarray(ids)]
-    from fmlm_jax import evaluation
-    from fmlm_jax.data import pipeline, prepare, tokenizers
+    from fmlm_jax.data import pipeline, tokenizers
 
     meta = pipeline.load_meta(config.data.dir, "train", config.data.seq_len)
     name = config.data.get("tokenizer") or meta["tokenizer"]
-    spec = prepare.DATASETS.get(meta.get("dataset"), {})
-    tokenizer = tokenizers.load_tokenizer(name, add_pad=spec.get("add_pad", False),
-                                          expected_size=config.model.vocab_size)
-    return lambda ids: evaluation.decode_keep_special(tokenizer, np.asarray(ids))
+    tokenizer = tokenizers.load_model_tokenizer(name, config.model.vocab_size)
+    return lambda ids: tokenizers.decode(tokenizer, ids)
 
 
 def sample_tokens(params, config, rng: jax.Array, num: int) -> jax.Array:
@@ -309,6 +318,8 @@ def _check_batch(config, mesh) -> None:
     rows, n = int(config.data.batch_size), grad_accum_steps(config)
     if n < 1 or rows % n:
         raise ValueError(f"train.grad_accum_steps {n} must be >= 1 and divide data.batch_size {rows}")
+    if objectives.for_config(config) is objectives.distill and n > 1:
+        objectives.distill.check_accumulation(rows, n, config)
     if (rows // n) % mesh.size:
         raise ValueError(f"each micro-batch of {rows // n} rows (data.batch_size / grad_accum_steps) must "
                          f"split evenly over the mesh's {mesh.size} devices ({dict(mesh.shape)}); change "

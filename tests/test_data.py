@@ -77,21 +77,67 @@ def test_tokenizer_errors(tmp_path, bert_dir):
 
 
 # ------------------------------------------------------------------ detokenizer
-@pytest.mark.parametrize(
-    "raw, expected",
-    [
-        ("I do n't know .", "I don't know."),
-        ("It 's John 's car , is n't it ?", "It's John's car, isn't it?"),
-        ("We 're here ; they 've gone : I 'm sure !", "We're here; they've gone: I'm sure!"),
-        ("He said ( quietly ) that prices rose 5 % .", "He said (quietly) that prices rose 5%."),
-        ('She said " hello , there " and left .', 'She said "hello, there" and left.'),
-        ("It cost $ 5 , or £ 4 [ roughly ] .", "It cost $5, or £4 [roughly]."),
-        ("See http : / / example.com now", "See http://example.com now"),
-        ("Nothing to change here", "Nothing to change here"),
-    ],
-)
-def test_lm1b_detokenize(raw, expected):
-    assert sources.lm1b_detokenize(raw) == expected
+# LM1B sentences as the corpus stores them → the reference detokenizer's output → the
+# bert-base-uncased ids of that text (SPEC §4.1). Written out by hand from the rules; no "n't"
+# rule: "do n't" stays and tokenizes as do / n / ' / t.
+LM1B_TABLE = [
+    ("I do n't think they 'll win , he said .",
+     "I do n't think they'll win, he said.",
+     [1045, 2079, 1050, 1005, 1056, 2228, 2027, 1005, 2222, 2663, 1010, 2002, 2056, 1012]),
+    ("It 's John 's car , is n't it ?",
+     "It's John's car, is n't it?",
+     [2009, 1005, 1055, 2198, 1005, 1055, 2482, 1010, 2003, 1050, 1005, 1056, 2009, 1029]),
+    ("Prices rose 5.2 % to 1.5 million in 2008 .",  # "%" keeps its space; ".": only after \w
+     "Prices rose 5.2 % to 1.5 million in 2008.",
+     [7597, 3123, 1019, 1012, 1016, 1003, 2000, 1015, 1012, 1019, 2454, 1999, 2263, 1012]),
+    ("The U.S. economy grew 3.5 % .",  # " % ." : no rule joins it
+     "The U.S. economy grew 3.5 % .",
+     [1996, 1057, 1012, 1055, 1012, 4610, 3473, 1017, 1012, 1019, 1003, 1012]),
+    ("The ticket cost $ 10 , or about £ 400 for the year .",
+     "The ticket cost $10, or about £400 for the year.",
+     [1996, 7281, 3465, 1002, 2184, 1010, 2030, 2055, 1069, 29537, 2005, 1996, 2095, 1012]),
+    ("See http : / / www.example.com / news or https : / / bbc.co.uk for more .",
+     "See http://www.example.com/news or https://bbc.co.uk for more.",
+     [2156, 8299, 1024, 1013, 1013, 7479, 1012, 2742, 1012, 4012, 1013, 2739, 2030, 16770, 1024,
+      1013, 1013, 4035, 1012, 2522, 1012, 2866, 2005, 2062, 1012]),
+    ('He said " we \'re done " and left ( quietly ) .',  # ") ." stays: "." joins only \w
+     'He said "we\'re done" and left (quietly) .',
+     [2002, 2056, 1000, 2057, 1005, 2128, 2589, 1000, 1998, 2187, 1006, 5168, 1007, 1012]),
+    ("Why ? Nobody knows ! But the results [ see table ] were clear !",
+     "Why? Nobody knows! But the results [see table] were clear!",
+     [2339, 1029, 6343, 4282, 999, 2021, 1996, 3463, 1031, 2156, 2795, 1033, 2020, 3154, 999]),
+    ("' Not now ' , she whispered ; the 1990s were over : done .",
+     "'Not now', she whispered; the 1990s were over: done.",
+     [1005, 2025, 2085, 1005, 1010, 2016, 3990, 1025, 1996, 4134, 2020, 2058, 1024, 2589, 1012]),
+    ("Is it 3 p.m. yet ?", "Is it 3 p.m. yet?", [2003, 2009, 1017, 1052, 1012, 1049, 1012, 2664, 1029]),
+    ("What a game !", "What a game!", [2054, 1037, 2208, 999]),
+    ("Rock ' n ' roll never dies", "Rock 'n' roll never dies", [2600, 1005, 1050, 1005, 4897, 2196, 8289]),
+]
+
+
+@pytest.mark.parametrize("raw, expected, ids", LM1B_TABLE, ids=[row[1][:24] for row in LM1B_TABLE])
+def test_lm1b_detokenize_rule_for_rule(raw, expected, ids, bert):
+    text = sources.lm1b_detokenize(raw)
+    assert text == expected
+    assert tokenizers.encode_batch(bert, [text])[0] == ids
+
+
+def test_lm1b_detokenizer_has_no_negation_rule(bert):
+    # Adding "n't" → joined would turn do / n / ' / t into don / ' / t: the ids change.
+    ids = tokenizers.encode_batch(bert, [sources.lm1b_detokenize("they do n't know")])[0]
+    assert bert.convert_ids_to_tokens(ids) == ["they", "do", "n", "'", "t", "know"]
+
+
+def test_decoding_keeps_special_tokens_and_cleans_up_like_transformers_4(bert, gpt2_dir):
+    ids = [101] + [1045, 2079, 1050, 1005, 1056, 2228, 2027, 1005, 2222, 2663, 1010, 2002, 2056, 1012] + [102]
+    assert tokenizers.decode(bert, [ids]) == ["[CLS] i don't think they'll win, he said. [SEP]"]
+    # OWT: gpt2 + [PAD] (K = 50258): the pad id decodes as "[PAD]", <|endoftext|> is kept,
+    # and the old clean-up applies to byte-level BPE as well ("y is ?" → "y is?").
+    gpt2 = tokenizers.load_model_tokenizer(gpt2_dir, tokenizers.GPT2_WITH_PAD_SIZE)
+    ids = gpt2("y is ? I 'm here", add_special_tokens=False)["input_ids"] + [50256, 50257]
+    assert tokenizers.decode(gpt2, [ids]) == ["y is? I'm here<|endoftext|>[PAD]"]
+    with pytest.raises(ValueError, match="has 50257 tokens but the model has vocab_size 30522"):
+        tokenizers.load_model_tokenizer(gpt2_dir, 30522)
 
 
 # ------------------------------------------------------------------ wrapping

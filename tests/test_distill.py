@@ -13,11 +13,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+import scipy.optimize
 from conftest import randomize, tiny_model_config
 
 from fmlm_jax import interpolant
+from fmlm_jax import model as model_lib
 from fmlm_jax.model import DiT, init_params, log_probs
 from fmlm_jax.objectives import distill
+from fmlm_jax.objectives.distill import targets
+from fmlm_jax.schedule import Schedule
 
 DATA = np.array([[0, 1, 2], [3, 4, 0], [1, 1, 4], [2, 0, 3]])  # M = 4 sequences, L = 3
 K = 5
@@ -89,7 +93,7 @@ def test_exact_flow_map_boundary_and_semigroup():
 
 def test_psd_target_equals_the_exact_two_time_denoiser():
     x = noisy_points(S, seed=1)
-    target = distill.psd_target(exact_log_delta, x, S, U, T, S, U, T)
+    target = targets.psd_target(exact_log_delta, x, S, U, T, S, U, T)
     expected = jnp.exp(exact_log_delta(x, S, T))
     np.testing.assert_allclose(target, expected, atol=2e-4)
     assert float(jnp.abs(expected - exact_denoiser(x, S)).max()) > 0.05  # not trivially D_s
@@ -101,14 +105,14 @@ def test_lsd_target_equals_the_exact_two_time_denoiser():
     def log_d(x, s, t):  # D_t as a log-denoiser evaluated on the diagonal
         return jnp.log(jnp.clip(exact_denoiser(x, t), 1e-30, None))
 
-    log_p, target = distill.lsd_target(exact_log_delta, log_d, x, S, T, S, T, jnp.ones_like(T))
+    log_p, target = targets.lsd_target(exact_log_delta, log_d, x, S, T, S, T, jnp.ones_like(T))
     np.testing.assert_allclose(target, jnp.exp(log_p), atol=5e-4)
     np.testing.assert_allclose(target.sum(-1), 1.0, atol=1e-5)
 
 
 def test_esd_target_equals_the_exact_two_time_denoiser():
     x = noisy_points(S, seed=3)
-    delta, target = distill.esd_target(exact_log_delta, exact_denoiser(x, S), x, S, T, S, T,
+    delta, target = targets.esd_target(exact_log_delta, exact_denoiser(x, S), x, S, T, S, T,
                                        jnp.ones_like(S))
     np.testing.assert_allclose(target, delta, atol=5e-4)
 
@@ -117,7 +121,7 @@ def test_esd_target_is_zero_coefficient_on_boundary_rows():
     x = noisy_points(S[:2])
     d_s = exact_denoiser(x, S[:2])
     t = jnp.array([1.0, 1.0])
-    _, target = distill.esd_target(exact_log_delta, d_s, x, S[:2], jnp.array([0.9, 0.9]),
+    _, target = targets.esd_target(exact_log_delta, d_s, x, S[:2], jnp.array([0.9, 0.9]),
                                    S[:2], t, jnp.ones(2))
     np.testing.assert_allclose(target, d_s)  # finite: no division by 1 − t = 0
 
@@ -140,7 +144,7 @@ def test_time_jvp_matches_central_differences(two_time_net):
     cfg, log_delta = two_time_net
     x = jax.random.normal(jax.random.key(2), (3, 4, cfg.vocab_size))
     tau_s, tau_t = jnp.array([0.1, 0.3, 0.5]), jnp.array([0.4, 0.6, 0.9])
-    _, jvp = distill.dlog_delta_dtau_t(log_delta, x, tau_s, tau_t)
+    _, jvp = targets.dlog_delta_dtau_t(log_delta, x, tau_s, tau_t)
     h = 1e-2
     fd = (log_delta(x, tau_s, tau_t + h) - log_delta(x, tau_s, tau_t - h)) / (2 * h)
     assert float(jnp.abs(jvp).max()) > 1e-2  # a real signal, not zero
@@ -154,7 +158,7 @@ def test_flow_jvp_matches_central_differences(two_time_net):
     tau_s, tau_t = jnp.array([0.1, 0.3, 0.5]), jnp.array([0.4, 0.6, 0.9])
     dtau_ds = jnp.array([0.5, 2.0, 1.0])
     vel = (d - x) / 0.7
-    _, jvp = distill.dlog_delta_along_flow(log_delta, x, tau_s, tau_t, dtau_ds, vel)
+    _, jvp = targets.dlog_delta_along_flow(log_delta, x, tau_s, tau_t, dtau_ds, vel)
     h = 1e-2
     plus = log_delta(x + h * vel, tau_s + h * dtau_ds, tau_t)
     minus = log_delta(x - h * vel, tau_s - h * dtau_ds, tau_t)
@@ -175,7 +179,7 @@ def _distill_config(method="psd", **overrides):
     d = dict(method=method, use_teacher=True, diagonal_fraction=0.5, boundary_prob=4.0,
              offdiag_sampling="uniform_diff", use_mse_loss_psd=False,
              rescale_offdiag_loss_psd=False, use_ema_for_psd_target=False,
-             use_teacher_for_D_t_lsd=False, entmax_temp_lsd=1.0)
+             use_teacher_for_D_t_lsd=False, entmax_temp_lsd=2.0)
     d.update(overrides)
     return ml_collections.ConfigDict(d)
 
@@ -183,8 +187,8 @@ def _distill_config(method="psd", **overrides):
 @pytest.mark.parametrize("sampling", ["uniform_diff", "uniform_st"])
 def test_sampled_times_are_ordered_and_laid_out(sampling):
     cfg = _distill_config(offdiag_sampling=sampling)
-    tau_s, tau_u, tau_t = (np.asarray(a) for a in
-                           distill.sample_times(jax.random.key(0), 64, cfg))
+    plan = distill.draw_plan(jax.random.key(0), 64, ml_collections.ConfigDict(dict(distill=cfg)))
+    tau_s, tau_u, tau_t = (np.asarray(plan[k]) for k in ("tau_s", "tau_u", "tau_t"))
     n_diag, n_bnd, _ = distill.split_rows(64, 0.5, 4.0)
     np.testing.assert_array_equal(tau_s[:n_diag], tau_t[:n_diag])
     np.testing.assert_array_equal(tau_s[n_diag:n_diag + n_bnd], 0.0)
@@ -195,13 +199,13 @@ def test_sampled_times_are_ordered_and_laid_out(sampling):
 
 def test_sparsemax_projects_onto_the_simplex():
     z = jax.random.normal(jax.random.key(0), (50, 7))
-    p = distill.sparsemax(z)
+    p = targets.sparsemax(z)
     np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-6)
     assert float(p.min()) >= 0.0
     # A point already on the simplex is its own projection; and the projection is the
     # closest simplex point: no random simplex point is closer.
     q = jax.nn.softmax(z)
-    np.testing.assert_allclose(distill.sparsemax(q), q, atol=1e-6)
+    np.testing.assert_allclose(targets.sparsemax(q), q, atol=1e-6)
     others = jax.random.dirichlet(jax.random.key(1), jnp.ones(7), (200,))
     best = jnp.sum((p - z) ** 2, -1)
     assert bool(jnp.all(best[:, None] <= jnp.sum((others[None] - z[:, None]) ** 2, -1) + 1e-6))
@@ -242,7 +246,8 @@ def test_distill_loss_runs_and_has_gradient(method, use_teacher):
         lambda p: distill.distill_loss(p, {"tokens": tokens}, jax.random.key(4), config,
                                        teacher if use_teacher else None), has_aux=True))
     (loss, metrics), grads = fn(student)
-    assert np.isfinite(float(loss)) and set(metrics) == {"loss", "diag_loss", "offdiag_loss"}
+    assert np.isfinite(float(loss)) and set(metrics) == {"loss", "diag_loss", "offdiag_loss", "rows_diagonal",
+                                                    "rows_boundary", "rows_offdiagonal"}
     norms = [float(jnp.abs(g).sum()) for g in jax.tree_util.tree_leaves(grads)]
     assert all(np.isfinite(norms)) and sum(norms) > 0
     if method == "psd" and use_teacher:
@@ -294,3 +299,183 @@ def test_projected_distill_loss_has_the_dense_statistics(method, use_teacher, us
     se = np.sqrt(dense.var() / len(dense) + projected.var() / len(projected))
     assert abs(dense.mean() - projected.mean()) < 4 * se, (dense.mean(), projected.mean(), se)
     assert 0.75 < projected.var() / dense.var() < 1.33, projected.var() / dense.var()
+
+
+# ----------------------------------------------------- the loss, assembled independently
+# SPEC §5 written out in NumPy (float64) around a tiny deterministic stand-in network,
+# log δ(x; τ_s, τ_t) = log_softmax(x·W + τ_s·a + τ_t·b + c) (a one-time teacher has no b),
+# whose time derivatives are known in closed form. The package's loss is run with the same
+# stand-in patched in for the DiT, so the comparison checks how the loss is put together:
+# which network sees which state at which times, the targets, chain-rule factors, masks,
+# the row kinds and the reduction.
+
+SK, SL = 7, 3  # stand-in vocabulary and length
+
+
+def _stand_in_params(seed, two_time=True):
+    rng = np.random.default_rng(seed)
+    p = {"W": rng.normal(0, 0.6, (SK, SK)), "a": rng.normal(0, 1.5, SK), "c": rng.normal(0, 0.5, SK)}
+    p["b"] = rng.normal(0, 1.5, SK) if two_time else np.zeros(SK)
+    return p
+
+
+def _logits_np(p, x, tau_s, tau_t):
+    return x @ p["W"] + tau_s[:, None, None] * p["a"] + tau_t[:, None, None] * p["b"] + p["c"]
+
+
+def _log_softmax_np(z):
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def _entmax_np(z, alpha):
+    """α-entmax of each row by root finding (scipy brentq), an independent solve."""
+    out = np.zeros_like(z)
+    for idx in np.ndindex(z.shape[:-1]):
+        x = (alpha - 1.0) * z[idx]
+        theta = scipy.optimize.brentq(
+            lambda th, x=x: np.sum(np.maximum(x - th, 0.0) ** (1.0 / (alpha - 1.0))) - 1.0,
+            x.max() - 1.0, x.max())
+        out[idx] = np.maximum(x - theta, 0.0) ** (1.0 / (alpha - 1.0))
+    return out
+
+
+def numpy_distill(student, teacher, ema, tokens, mask, tau_s, tau_u, tau_t, eps, n_diag, dc):
+    """{loss, diag_loss, offdiag_loss} of SPEC §5 in float64, for the stand-in network."""
+    sched = Schedule(SK)
+    s, u, t = (np.asarray(sched.tau_to_t(x), np.float64) for x in (tau_s, tau_u, tau_t))
+    onehot = np.eye(SK)[tokens]
+    r = lambda v: v[:, None, None]  # noqa: E731
+    x = r(1 - s) * eps + r(s) * onehot
+
+    def log_delta(p, x, ts, tt):
+        return _log_softmax_np(_logits_np(p, x, ts, tt))
+
+    def flow_map(x, delta, s, t):
+        return r((1 - t) / (1 - s + 1e-8)) * x + r((t - s) / (1 - s + 1e-8)) * delta
+
+    mse = dc.method == "psd" and dc.use_mse_loss_psd
+    # Diagonal rows: towards D_s (teacher) or the one-hot data.
+    d = slice(0, n_diag)
+    log_diag = log_delta(student, x[d], tau_s[d], tau_s[d])
+    target = np.exp(log_delta(teacher, x[d], tau_s[d], tau_s[d])) if teacher else onehot[d]
+    diag = ((np.exp(log_diag) - target) ** 2).sum(-1) if mse else -(target * log_diag).sum(-1)
+    # The rest: boundary and off-diagonal rows, the method's target.
+    o = slice(n_diag, None)
+    xo, ts, tu, tt, so, uo, to = x[o], tau_s[o], tau_u[o], tau_t[o], s[o], u[o], t[o]
+    log_p = log_delta(student, xo, ts, tt)
+    keep = np.ones(len(to), bool)
+    if dc.method == "psd":
+        net = ema if dc.use_ema_for_psd_target else student
+        first = np.exp(log_delta(net, xo, ts, tu))
+        second = np.exp(log_delta(net, flow_map(xo, first, so, uo), tu, tt))
+        lam = r((1 - to) * (uo - so) / ((1 - uo) * (to - so) + 1e-8))
+        target = lam * first + (1 - lam) * second
+        off = ((np.exp(log_p) - target) ** 2).sum(-1) if dc.use_mse_loss_psd else -(target * log_p).sum(-1)
+        if dc.rescale_offdiag_loss_psd:
+            off = off * (((to - so) / (1 - so + 1e-8)) ** 2)[:, None]
+    elif dc.method == "lsd":
+        delta = np.exp(log_p)
+        dlogp_dtau_t = student["b"] - (delta * student["b"]).sum(-1, keepdims=True)
+        d_delta_dt = delta * dlogp_dtau_t * r(sched.dtau_dt(to))
+        x_t = flow_map(xo, delta, so, to)
+        d_net = teacher if (teacher and dc.use_teacher_for_D_t_lsd) else student
+        d_t = np.exp(log_delta(d_net, x_t, tt, tt))
+        raw = d_t - r((to - so) * (1 - to) / (1 - so + 1e-8)) * d_delta_dt
+        target = _entmax_np(raw, dc.entmax_temp_lsd)
+        off = -(target * log_p).sum(-1)
+    else:  # esd
+        d_s = np.exp(log_delta(teacher, xo, ts, ts) if teacher else log_delta(student, xo, ts, ts))
+        velocity = (d_s - xo) / r(1 - so)
+        dlogits = velocity @ student["W"] + r(sched.dtau_dt(so)) * student["a"]
+        delta = np.exp(log_p)
+        dlog_delta_ds = dlogits - (delta * dlogits).sum(-1, keepdims=True)
+        keep = to < 1.0
+        coeff = np.where(keep, (1 - so) * (to - so) / np.where(keep, 1 - to, 1.0), 0.0)
+        target = d_s + r(coeff) * delta * dlog_delta_ds
+        off = ((delta - target) ** 2).sum(-1)
+    off_mask = mask[o] * keep[:, None]
+    per_token = np.concatenate([diag, off])
+    full_mask = np.concatenate([mask[d], off_mask])
+    return {"loss": (per_token * full_mask).sum() / full_mask.sum(),
+            "diag_loss": (diag * mask[d]).sum() / mask[d].sum(),
+            "offdiag_loss": (off * off_mask).sum() / off_mask.sum()}
+
+
+@pytest.fixture
+def stand_in_network(monkeypatch):
+    """Patches the DiT out of the loss: `model.log_denoiser` becomes the stand-in; records
+    (parameter set, train flag) of every network the loss builds."""
+    built = []
+
+    def fake_log_denoiser(params, model_config, *, train=False, rng=None, embedded=False):
+        assert not embedded
+        built.append((params["name"], train))
+        p = {k: jnp.asarray(v, jnp.float32) for k, v in params.items() if k != "name"}
+
+        def log_delta(z, tau_s, tau_t=None):
+            tau_t = tau_s if tau_t is None else tau_t  # one-time: b = 0
+            logits = z @ p["W"] + tau_s[:, None, None] * p["a"] + tau_t[:, None, None] * p["b"] + p["c"]
+            return jax.nn.log_softmax(logits, axis=-1)
+
+        return log_delta
+
+    monkeypatch.setattr(model_lib, "log_denoiser", fake_log_denoiser)
+    return built
+
+
+def _rows_and_noise(seed=0):
+    rng = np.random.default_rng(seed)
+    n_diag = 3
+    # 3 diagonal rows, 2 boundary rows (0, 1), 4 off-diagonal rows; τ_u the τ-midpoint.
+    tau_s = np.array([0.3, 0.55, 0.8, 0.0, 0.0, 0.1, 0.25, 0.4, 0.05])
+    tau_t = np.array([0.3, 0.55, 0.8, 1.0, 1.0, 0.5, 0.9, 0.7, 0.95])
+    tau_u = 0.5 * (tau_s + tau_t)
+    tokens = rng.integers(0, SK, (len(tau_s), SL))
+    mask = (rng.random(tokens.shape) < 0.8).astype(np.float64)
+    mask[:, 0] = 1.0
+    eps = rng.standard_normal((*tokens.shape, SK))
+    return tokens, mask, (tau_s, tau_u, tau_t), eps, n_diag
+
+
+DISTILL_VARIANTS = [
+    dict(method="psd", use_teacher=True),
+    dict(method="psd", use_teacher=False),
+    dict(method="psd", use_teacher=True, use_mse_loss_psd=True),
+    dict(method="psd", use_teacher=False, use_mse_loss_psd=True, rescale_offdiag_loss_psd=True),
+    dict(method="psd", use_teacher=True, use_ema_for_psd_target=True),
+    dict(method="lsd", use_teacher=True),
+    dict(method="lsd", use_teacher=False),
+    dict(method="lsd", use_teacher=True, use_teacher_for_D_t_lsd=True),
+    dict(method="lsd", use_teacher=False, entmax_temp_lsd=1.5),
+    dict(method="esd", use_teacher=True),
+    dict(method="esd", use_teacher=False),
+]
+
+
+@pytest.mark.parametrize("variant", DISTILL_VARIANTS, ids=lambda v: "-".join(
+    f"{k}={v[k]}" if k != "method" else v[k] for k in v))
+def test_distill_loss_equals_the_numpy_assembly_of_the_spec(variant, stand_in_network):
+    dc = _distill_config(**variant)
+    config = ml_collections.ConfigDict(dict(model=tiny_model_config(vocab_size=SK, two_time=True),
+                                            distill=dc))
+    student = _stand_in_params(0)
+    teacher = _stand_in_params(1, two_time=False) if dc.use_teacher else None
+    ema = _stand_in_params(2)
+    tokens, mask, times, eps, n_diag = _rows_and_noise()
+    want = numpy_distill(student, teacher, ema, tokens, mask, *times, eps, n_diag, dc)
+
+    named = lambda p, name: None if p is None else dict(p, name=name)  # noqa: E731
+    got = distill.distill_loss_at(
+        named(student, "student"), jnp.asarray(tokens), jnp.asarray(mask, jnp.float32),
+        tuple(jnp.asarray(x, jnp.float32) for x in times), jnp.asarray(eps, jnp.float32), n_diag,
+        jax.random.key(0), config, named(teacher, "teacher"), named(ema, "ema"))[1]
+    for key in ("loss", "diag_loss", "offdiag_loss"):
+        assert float(got[key]) == pytest.approx(want[key], rel=2e-4, abs=1e-6), key
+    # Who was asked for what: the teacher and EMA targets in eval mode, the student in train mode.
+    for name, train_mode in stand_in_network:
+        assert train_mode == (name == "student"), stand_in_network
+    assert ("ema", False) in stand_in_network if dc.use_ema_for_psd_target else True
+    n = len(tokens)
+    counts = [round(float(got[f"rows_{k}"]) * n) for k in ("diagonal", "boundary", "offdiagonal")]
+    assert counts == [3, 2, 4]

@@ -9,7 +9,7 @@ import scipy.special
 from conftest import tiny_model_config
 
 from fmlm_jax.model import DiT, init_params
-from fmlm_jax.objectives.flm import antithetic_uniform, flm_loss, flm_loss_at
+from fmlm_jax.objectives.flm import antithetic_uniform, draw_plan, flm_loss, flm_loss_at
 from fmlm_jax.schedule import Schedule
 
 
@@ -21,11 +21,22 @@ def full_config(model, tau_min=0.0, tau_max=1.0):
 def test_antithetic_uniform_is_one_point_per_stratum(n):
     u = np.sort(np.asarray(antithetic_uniform(jax.random.key(3), n)))
     assert u.min() >= 0.0 and u.max() < 1.0
-    # Exactly one draw in each [i/n, (i+1)/n): a shifted regular grid (mod 1).
     counts = np.bincount(np.floor(u * n).astype(int), minlength=n)
-    np.testing.assert_array_equal(counts, np.ones(n))
-    gaps = np.diff(u)
-    np.testing.assert_allclose(gaps[gaps > 0], 1.0 / n, atol=1e-6)
+    np.testing.assert_array_equal(counts, np.ones(n))  # exactly one draw in each [i/n, (i+1)/n)
+
+
+def test_antithetic_uniform_draws_one_offset_per_stratum():
+    # The reference draws one uniform per stratum (not one shared offset): the positions of
+    # the draws inside their strata are i.i.d. U(0, 1).
+    n, draws = 16, 200
+    offsets = []
+    for seed in range(draws):
+        u = np.sort(np.asarray(antithetic_uniform(jax.random.key(seed), n), np.float64))
+        offsets.append(u * n - np.arange(n))
+    offsets = np.asarray(offsets)
+    assert scipy.stats.kstest(offsets.ravel(), "uniform").pvalue > 1e-3
+    corr = np.corrcoef(offsets[:, 0], offsets[:, 1])[0, 1]  # a shared offset would give 1
+    assert abs(corr) < 4 / np.sqrt(draws), corr
 
 
 def test_antithetic_uniform_is_permuted_and_mean_half():
@@ -71,21 +82,14 @@ def test_zero_init_model_has_loss_log_k():
     np.testing.assert_allclose(float(loss), np.log(cfg.vocab_size), rtol=1e-6)
 
 
-def test_times_are_drawn_in_the_configured_range(monkeypatch, random_tiny_params):
+def test_times_are_drawn_in_the_configured_range():
     cfg = tiny_model_config()
-    seen = {}
-
-    def spy(params, tokens, mask, tau, eps, dropout_rng, model_config, *args):
-        seen["tau"], seen["eps"] = tau, eps
-        return jnp.zeros(()), {}
-
-    monkeypatch.setattr("fmlm_jax.objectives.flm.flm_loss_at", spy)
-    tokens = jnp.zeros((16, 3), jnp.int32)
-    flm_loss(None, {"tokens": tokens}, jax.random.key(0), full_config(cfg, 0.2, 0.6))
-    tau = np.sort(np.asarray(seen["tau"]))
+    plan = draw_plan(jax.random.key(0), 16, full_config(cfg, 0.2, 0.6))
+    tau = np.sort(np.asarray(plan["tau"]))
     assert tau.min() >= 0.2 and tau.max() < 0.6
-    np.testing.assert_allclose(np.diff(tau), 0.4 / 16, atol=1e-6)  # antithetic strata
-    assert seen["eps"].shape == (16, 3, cfg.vocab_size)
+    strata = np.floor((tau - 0.2) / (0.4 / 16)).astype(int)
+    np.testing.assert_array_equal(strata, np.arange(16))  # antithetic: one τ per stratum
+    assert plan["key"].shape == (16,)
 
 
 def test_loss_jits_differentiates_and_depends_on_rng(random_tiny_params):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from conftest import randomize, tiny_model_config
 
-from fmlm_jax import checkpoints, model, train
+from fmlm_jax import checkpoints, model, objectives, train
 from fmlm_jax.data import synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,26 +41,68 @@ def quiet(*_):
 # ----------------------------------------------------------------------------- the step
 
 
-def test_accumulated_gradient_equals_the_full_batch_gradient():
-    # τ = 1 makes x_t the one-hot data (no noise) and dropout is off, so the loss is a
-    # deterministic mean over tokens: 2 micro-batches must give the one-batch gradient.
+def _accumulation_config(mode, n_rows):
     config = ml_collections.ConfigDict()
-    config.model = tiny_model_config()
-    config.flm = dict(tau_min=1.0, tau_max=1.0)
+    config.mode = mode
+    config.model = tiny_model_config(two_time=mode == "fmlm", n_blocks=1)
+    config.flm = dict(tau_min=0.0, tau_max=1.0, projected_noise=False)
     config.train = dict(grad_accum_steps=1)
+    config.distill = dict(method="psd", use_teacher=True, diagonal_fraction=0.5, boundary_prob=32.0,
+                          offdiag_sampling="uniform_diff", use_mse_loss_psd=False,
+                          rescale_offdiag_loss_psd=False, use_ema_for_psd_target=False,
+                          use_teacher_for_D_t_lsd=False, entmax_temp_lsd=2.0)
+    return config
+
+
+@pytest.mark.parametrize("mode", ["flm", "fmlm"])
+def test_accumulated_gradient_equals_the_full_batch_gradient(mode):
+    # Times, row kinds and noise are drawn per row over the global batch, and dropout is off:
+    # 4 micro-batches must give the one-batch gradient, noise included.
+    n_rows = 64
+    config = _accumulation_config(mode, n_rows)
+    teacher = None
     params = randomize(model.init_params(config.model, jax.random.key(0)), jax.random.key(1))
-    tokens = jax.random.randint(jax.random.key(2), (8, 6), 0, config.model.vocab_size)
+    if mode == "fmlm":
+        teacher_cfg = objectives.distill.teacher_config(config.model)
+        teacher = randomize(model.init_params(teacher_cfg, jax.random.key(5)), jax.random.key(6))
+    tokens = jax.random.randint(jax.random.key(2), (n_rows, 5), 0, config.model.vocab_size)
     batch = {"tokens": tokens}
-    full, full_metrics = jax.jit(lambda p: train.gradients(p, batch, jax.random.key(3), config))(params)
-    config.train.grad_accum_steps = 2
-    acc, acc_metrics = jax.jit(lambda p: train.gradients(p, batch, jax.random.key(3), config))(params)
+
+    def run(accumulation):
+        config.train.grad_accum_steps = accumulation
+        return jax.jit(lambda p: train.gradients(p, batch, jax.random.key(3), config, teacher, p))(params)
+
+    (full, full_metrics), (acc, acc_metrics) = run(1), run(4)
     diffs = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), full, acc)
     scale = max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda a: float(jnp.max(jnp.abs(a))), full)))
     assert max(jax.tree_util.tree_leaves(diffs)) < 1e-5 * scale
     assert float(acc_metrics["loss"]) == pytest.approx(float(full_metrics["loss"]), rel=1e-6)
+    if mode == "fmlm":  # 64 rows: 32 diagonal, 1 boundary, 31 off-diagonal, whatever the accumulation
+        counts = [round(float(acc_metrics[f"rows_{kind}"]) * n_rows)
+                  for kind in ("diagonal", "boundary", "offdiagonal")]
+        assert counts == [32, 1, 31]
     # strided micro-batches: micro-batch i holds rows i, i+2, ... (a device's rows stay local)
     micro = train._micro_batches(jnp.arange(8), 2)
     np.testing.assert_array_equal(np.asarray(micro), [[0, 2, 4, 6], [1, 3, 5, 7]])
+
+
+@pytest.mark.parametrize("n_rows", [128, 512])
+@pytest.mark.parametrize("accumulation", [1, 2, 4, 16])
+def test_the_row_split_is_global_under_accumulation(n_rows, accumulation):
+    # SPEC §5: the split is over the global batch. OWT (N = 128) with 4 micro-batches gets
+    # 64 / 2 / 62 rows per update; a split per micro-batch of 32 rows would give 64 / 0 / 64.
+    config = _accumulation_config("fmlm", n_rows)
+    plan = objectives.distill.draw_plan(jax.random.key(0), n_rows, config)
+    micro = jax.tree_util.tree_map(lambda x: np.asarray(train._micro_batches(x, accumulation)),
+                                   {k: plan[k] for k in ("tau_s", "tau_t")})
+    n_diag = objectives.distill.rows.diagonal_rows(n_rows // accumulation, config)
+    totals = np.zeros(3, int)
+    for tau_s, tau_t in zip(micro["tau_s"], micro["tau_t"], strict=True):
+        assert np.all(tau_s[:n_diag] == tau_t[:n_diag])  # the leading rows the loss treats as diagonal
+        boundary = int(np.sum((tau_s[n_diag:] == 0.0) & (tau_t[n_diag:] == 1.0)))
+        totals += [n_diag, boundary, len(tau_s) - n_diag - boundary]
+    assert tuple(totals) == objectives.distill.split_rows(n_rows, 0.5, 32.0)
+    assert tuple(totals) == {128: (64, 2, 62), 512: (256, 8, 248)}[n_rows]
 
 
 def test_cosine_schedule_warms_up_then_decays_to_the_final_fraction():

@@ -58,7 +58,7 @@ def test_distillation_from_a_teacher_workdir(tmp_path):
         method="psd", use_teacher=True, teacher_path=str(tmp_path / "teacher"),
         diagonal_fraction=0.5, boundary_prob=4.0, offdiag_sampling="uniform_diff",
         use_mse_loss_psd=False, rescale_offdiag_loss_psd=False, use_ema_for_psd_target=False,
-        use_teacher_for_D_t_lsd=False, entmax_temp_lsd=1.0))
+        use_teacher_for_D_t_lsd=False, entmax_temp_lsd=2.0))
     rows = train.train_and_evaluate(config, str(tmp_path / "student"), log=lambda *_: None)
     assert len(rows) == 4 and all(np.isfinite(r["train/loss"]) for r in rows)
     assert {"train/diag_loss", "train/offdiag_loss"} <= set(rows[0])

@@ -21,6 +21,7 @@ import pytest
 from fmlm_jax import convert
 from fmlm_jax.model import (
     DiT,
+    attention_scores,
     count_params,
     init_params,
     log_probs,
@@ -516,6 +517,21 @@ def test_bf16_compute_close_to_float32(two_time):
     # Parameters stay float32 under a bf16 compute policy.
     p16 = init_params(cfg16, jax.random.key(0))
     assert {x.dtype for x in jax.tree_util.tree_leaves(p16)} == {jnp.dtype(jnp.float32)}
+
+
+def test_bf16_attention_scores_are_accumulated_in_float32():
+    # SPEC §4: QKᵀ in float32 before the softcap and softmax, even with bf16 q and k.
+    keys = jax.random.split(jax.random.key(0), 2)
+    q, k = ((3.0 * jax.random.normal(key, (2, 16, 4, 64))).astype(jnp.bfloat16) for key in keys)
+    scores = attention_scores(q, k, 50.0)
+    assert scores.dtype == jnp.float32
+    got = np.asarray(scores, np.float64)
+    exact = np.einsum("blhd,bmhd->bhlm", np.asarray(q, np.float64), np.asarray(k, np.float64)) / 8.0
+    exact = 50.0 * np.tanh(exact / 50.0)
+    assert np.abs(exact).max() > 10.0
+    assert np.abs(got - exact).max() <= 1e-5 * np.abs(exact).max()  # float32 level
+    bf16 = np.asarray(jnp.einsum("blhd,bmhd->bhlm", q, k).astype(jnp.float32), np.float64) / 8.0
+    assert np.abs(50.0 * np.tanh(bf16 / 50.0) - exact).max() > 1e-3 * np.abs(exact).max()  # what it avoids
 
 
 def test_jit_matches_eager():

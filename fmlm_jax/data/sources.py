@@ -27,27 +27,39 @@ OWT_HUB_DATASET = "Skylion007/openwebtext"
 
 # --- LM1B detokenizer ----------------------------------------------------------------
 # LM1B text is tokenized Penn-Treebank style ("He did n't go ( really ) .").
-# Our own small rule set, applied in order (SPEC §4.1: rejoin split punctuation and
-# contractions; the reference's rules differ in detail).
-_DETOK_RULES: tuple[tuple[re.Pattern, str], ...] = tuple(
-    (re.compile(p), r)
-    for p, r in (
-        (r"\b(https?) : / / ", r"\1://"),  # "http : / / x" → "http://x"
-        (r" n't\b", "n't"),  # "do n't" → "don't"
-        (r" '(s|m|d|re|ve|ll)\b", r"'\1"),  # "it 's", "I 'm", "we 're", ... → "it's"
-        (r" ([.,?!:;%])", r"\1"),  # no space before closing punctuation
-        (r"([(\[{$£]) ", r"\1"),  # no space after opening brackets and currency
-        (r" ([)\]}])", r"\1"),  # no space before closing brackets
-        (r'" ([^"]*?) "', r'"\1"'),  # '" quoted "' → '"quoted"' (pairs, left to right)
-        (r"`` ([^`']*?) ''", r'"\1"'),  # PTB quotes
-    )
+# The reference's `lm1b_detokenizer`, rule for rule and in its order (SPEC §4.1). Nothing
+# is added: there is no rule for "n't", so "do n't" stays "do n't" and bert-base-uncased
+# tokenizes it as do / n / ' / t, the ids the published models were trained on. Plain
+# substrings are str.replace; patterns are regular expressions (Python `re`, Unicode \w).
+_LM1B_RULES: tuple[tuple[str, str, str], ...] = (
+    ("replace", "http : / / ", "http://"),
+    ("replace", "https : / / ", "https://"),
+    ("regex", r" '(\w+)", r"'\1"),  # "they 'll" → "they'll" (any word after the quote)
+    ("regex", r" (\w+) \. ", r" \1. "),  # "word . " → "word. "
+    ("regex", r" (\w+) \.$", r" \1."),  # ... and at the end
+    ("replace", " ? ", "? "),
+    ("regex", r" \?$", "?"),
+    ("replace", " ! ", "! "),
+    ("regex", r" !$", "!"),
+    ("replace", " , ", ", "),
+    ("replace", " : ", ": "),
+    ("replace", " ; ", "; "),
+    ("replace", " / ", "/"),
+    ("regex", r'" ([^"]+) "', r'"\1"'),
+    ("regex", r"' ([^']+) '", r"'\1'"),
+    ("regex", r"\( ([^()]+) \)", r"(\1)"),
+    ("regex", r"\[ ([^\[\]]+) \]", r"[\1]"),
+    ("replace", "$ ", "$"),
+    ("replace", "£ ", "£"),
 )
+_LM1B_COMPILED = tuple((kind, re.compile(a) if kind == "regex" else a, b) for kind, a, b in _LM1B_RULES)
 
 
 def lm1b_detokenize(text: str) -> str:
-    """Rejoins LM1B's split punctuation and contractions: "I do n't know ." → "I don't know."."""
-    for pattern, repl in _DETOK_RULES:
-        text = pattern.sub(repl, text)
+    """The reference's LM1B detokenizer (SPEC §4.1): "It 's 5 % , see ( this ) ." →
+    "It's 5 %, see (this).". Note what it leaves alone: "do n't", "5 %"."""
+    for kind, pattern, repl in _LM1B_COMPILED:
+        text = pattern.sub(repl, text) if kind == "regex" else text.replace(pattern, repl)
     return text
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 # The vocabulary sizes of SPEC §1.
 BERT_BASE_UNCASED_SIZE = 30522
 GPT2_SIZE = 50257
@@ -76,6 +78,47 @@ def load_tokenizer(name_or_path: str, add_pad: bool = False, expected_size: int 
             "check the tokenizer name or directory"
         )
     return tokenizer
+
+
+def load_model_tokenizer(name_or_path: str, vocab_size: int):
+    """The tokenizer of a model with `vocab_size` outputs (K): `load_tokenizer`, plus the
+    `[PAD]` that the OpenWebText models add to gpt2 (SPEC §1: 50257 + 1) when the tokenizer
+    has no pad token and is exactly one token short. Any other size mismatch is an error."""
+    tokenizer = load_tokenizer(name_or_path)
+    if len(tokenizer) == vocab_size - 1 and tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    if len(tokenizer) != vocab_size:
+        raise ValueError(
+            f"tokenizer {name_or_path!r} has {len(tokenizer)} tokens but the model has vocab_size "
+            f"{vocab_size}; pass the tokenizer the model was trained with (bert-base-uncased: "
+            f"{BERT_BASE_UNCASED_SIZE}; gpt2 + [PAD]: {GPT2_WITH_PAD_SIZE})")
+    return tokenizer
+
+
+# transformers 4.x cleaned up tokenization spaces when decoding (BertTokenizer by default,
+# and every tokenizer through the base class); transformers 5 does not, and refuses to for
+# byte-level BPE. The reference decodes its samples with 4.57.3 (SPEC §4.1, §8), so these
+# rules, in this order, are applied to every decoded text here, whatever the version.
+HISTORICAL_CLEANUP = (
+    (" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
+    (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"),
+)
+
+
+def clean_up_tokenization(text: str) -> str:
+    """transformers 4.x `clean_up_tokenization`: "do n ' t go , ok ." → "don't go, ok."."""
+    for old, new in HISTORICAL_CLEANUP:
+        text = text.replace(old, new)
+    return text
+
+
+def decode(tokenizer, token_ids) -> list[str]:
+    """Texts of (B, L) token ids of the *model's* tokenizer, as the reference produces them
+    for scoring and display (SPEC §8): special tokens kept ([CLS], [SEP], <|endoftext|>,
+    [PAD]) and tokenization spaces cleaned up as transformers 4.x did."""
+    ids = np.asarray(token_ids).tolist()
+    texts = tokenizer.batch_decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return [clean_up_tokenization(text) for text in texts]
 
 
 def encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:

@@ -1,1 +1,25 @@
-"""Training objectives: FLM cross-entropy (stage 1) and FMLM distillation (stage 2)."""
+"""Training objectives: FLM cross-entropy (stage 1, `flm`) and FMLM distillation (stage 2,
+`distill`). Both have the same shape, which is all the train step knows:
+
+    plan = draw_plan(rng, N, config)      # per-row times and noise keys of the global batch
+    terms = loss_terms(params, batch, plan, dropout_rng, config, teacher_params, ema_params, train)
+    metrics = finalize(terms)             # terms: {name: (sum, count)}; metric = sum / count
+"""
+
+from fmlm_jax.objectives import distill, flm
+from fmlm_jax.objectives.flm import finalize
+
+# config.mode → objective module; 'train' / 'distill' are the names older checkpoints carry.
+_BY_MODE = {"flm": flm, "train": flm, "fmlm": distill, "distill": distill}
+
+
+def for_config(config):
+    """The objective module (`flm` or `distill`) that `config.mode` selects."""
+    mode = config.get("mode", "flm")
+    if mode not in _BY_MODE:
+        raise ValueError(f"config.mode must be 'flm' (FLM training) or 'fmlm' (FMLM distillation), "
+                         f"got {mode!r}")
+    return _BY_MODE[mode]
+
+
+__all__ = ["distill", "finalize", "flm", "for_config"]

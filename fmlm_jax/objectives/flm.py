@@ -21,10 +21,11 @@ def default_ce_chunk_size() -> int:
 
 
 def antithetic_uniform(rng: jax.Array, n: int) -> jax.Array:
-    """n stratified uniforms (U/n + i/n) mod 1, randomly permuted (SPEC §4)."""
+    """n stratified uniforms (U_i + i)/n, one U_i ~ U(0, 1) per stratum as the reference
+    draws them, randomly permuted (SPEC §4): every stratum [i/n, (i+1)/n) holds one."""
     k_offset, k_perm = jax.random.split(rng)
-    u = jax.random.uniform(k_offset, ())
-    return jax.random.permutation(k_perm, (u / n + jnp.arange(n) / n) % 1.0)
+    u = jax.random.uniform(k_offset, (n,))
+    return jax.random.permutation(k_perm, (u + jnp.arange(n)) / n)
 
 
 def token_loss(params, model_config, nll: jax.Array, tau_s: jax.Array):
@@ -36,39 +37,68 @@ def token_loss(params, model_config, nll: jax.Array, tau_s: jax.Array):
     return nll, jnp.exp(-w) * nll + w
 
 
+def draw_plan(rng: jax.Array, n: int, config) -> dict:
+    """Per-row randomness of a global batch of n rows: antithetic τ (n,) over the whole
+    batch (SPEC §4) and one noise key per row (`interpolant.row_keys`). Gradient
+    accumulation slices the plan, so every micro-batch shares the global stratification."""
+    k_tau, k_noise = jax.random.split(rng)
+    u = antithetic_uniform(k_tau, n)
+    tau = config.flm.tau_min + (config.flm.tau_max - config.flm.tau_min) * u
+    return {"tau": tau, "key": interpolant.row_keys(k_noise, n)}
+
+
+def noise_width(config) -> int:
+    """K for dense noise ε (B, L, K); d with `flm.projected_noise` (ε̃ (B, L, d), SPEC §10)."""
+    return config.model.hidden_size if config.flm.get("projected_noise", False) else config.model.vocab_size
+
+
+def loss_terms(params, batch: dict, plan: dict, rng: jax.Array, config, teacher_params=None,
+               ema_params=None, train: bool = True) -> dict:
+    """{name: (sum, count)} of the FLM loss over the rows of `batch`, given their `plan`
+    (from `draw_plan`); `rng` is the dropout key. The metric is sum / count; the train step
+    sums both over micro-batches before dividing (the teacher/EMA arguments are unused)."""
+    del teacher_params, ema_params
+    tokens = batch["tokens"]
+    eps = interpolant.row_normal(plan["key"], (tokens.shape[1], noise_width(config)))
+    nll, weighted = token_losses_at(params, tokens, plan["tau"], eps, rng, config.model, train,
+                                    bool(config.flm.get("projected_noise", False)),
+                                    config.flm.get("ce_chunk_size", None))
+    mask = _mask(batch)
+    count = mask.sum()
+    return {"loss": ((weighted * mask).sum(), count), "nll": ((nll * mask).sum(), count)}
+
+
+def finalize(terms: dict) -> dict:
+    """Metrics from {name: (sum, count)}: sum / max(count, 1)."""
+    return {k: total / jnp.maximum(count, 1.0) for k, (total, count) in terms.items()}
+
+
 def flm_loss(params, batch: dict, rng: jax.Array, config, train: bool = True):
-    """Mean FLM loss over the valid tokens of the (global) batch (SPEC §4).
+    """Mean FLM loss over the valid tokens of the (global) batch (SPEC §4): (loss, metrics).
 
     batch: {'tokens': (B, L) int32, optional 'mask': (B, L), 1 where the token counts}.
     config: needs `model` (a model config) and `flm.tau_min`, `flm.tau_max`; optional
     `flm.projected_noise` (default False) and `flm.ce_chunk_size` (default: per backend).
     Draws antithetic τ (B,) and ε (B, L, K) — or, with `flm.projected_noise`, ε̃ (B, L, d)
-    for the projected input path of SPEC §10 — then calls `flm_loss_at`.
-    Returns (loss, metrics).
+    for the projected input path of SPEC §10 — per row (`draw_plan`).
     """
-    tokens = batch["tokens"]
-    projected = bool(config.flm.get("projected_noise", False))
-    k_tau, k_noise, k_dropout = jax.random.split(rng, 3)
-    u = antithetic_uniform(k_tau, tokens.shape[0])
-    tau = config.flm.tau_min + (config.flm.tau_max - config.flm.tau_min) * u
-    width = config.model.hidden_size if projected else config.model.vocab_size
-    eps = jax.random.normal(k_noise, (*tokens.shape, width), jnp.float32)
-    return flm_loss_at(params, tokens, batch.get("mask"), tau, eps, k_dropout, config.model, train,
-                       projected, config.flm.get("ce_chunk_size", None))
+    k_plan, k_dropout = jax.random.split(rng)
+    plan = draw_plan(k_plan, batch["tokens"].shape[0], config)
+    metrics = finalize(loss_terms(params, batch, plan, k_dropout, config, train=train))
+    return metrics["loss"], metrics
 
 
-def flm_loss_at(params, tokens, mask, tau, eps, dropout_rng, model_config, train: bool = True,
-                projected: bool = False, ce_chunk_size: int | None = None):
-    """The FLM loss for given times τ (B,) and noise ε (B, L, K): −log δ_τ(x_t)[x₁].
+def _mask(batch: dict) -> jax.Array:
+    mask = batch.get("mask")
+    return jnp.ones(batch["tokens"].shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
 
-    x_t = (1 − t)·ε + t·onehot(x₁) with t = T(τ); the network sees τ. With `projected`,
-    ε is (B, L, d) and the network gets h_t = x_t·E drawn in projected form (SPEC §10).
-    ce_chunk_size: tokens per chunk of the fused output cross-entropy (0: one chunk;
-    None: `default_ce_chunk_size()`).
-    """
+
+def token_losses_at(params, tokens, tau, eps, dropout_rng, model_config, train: bool = True,
+                    projected: bool = False, ce_chunk_size: int | None = None):
+    """Per-token (−log δ_τ(x_t)[x₁], its loss-weighted form), each (B, L), for given times
+    τ (B,) and noise ε: (B, L, K) dense, or (B, L, d) with `projected` (SPEC §10)."""
     if ce_chunk_size is None:
         ce_chunk_size = default_ce_chunk_size()
-    mask = jnp.ones(tokens.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
     t = Schedule(model_config.vocab_size).tau_to_t(tau)
     if projected:
         net_input = interpolant.projected_noisy(tokens, t, eps, params["vocab_embed"]["embedding"])
@@ -83,8 +113,21 @@ def flm_loss_at(params, tokens, mask, tau, eps, dropout_rng, model_config, train
     cfg = model_lib.resolve_config(model_config)
     nll = model_lib.capped_nll(features, linear["kernel"], linear["bias"], tokens, cfg.output_cap,
                                ce_chunk_size, jnp.dtype(cfg.dtype))
-    nll, weighted = token_loss(params, model_config, nll, tau)
-    n_valid = jnp.maximum(mask.sum(), 1.0)
-    loss = (weighted * mask).sum() / n_valid
-    metrics = {"loss": loss, "nll": (nll * mask).sum() / n_valid}
-    return loss, metrics
+    return token_loss(params, model_config, nll, tau)
+
+
+def flm_loss_at(params, tokens, mask, tau, eps, dropout_rng, model_config, train: bool = True,
+                projected: bool = False, ce_chunk_size: int | None = None):
+    """The FLM loss for given times τ (B,) and noise ε (B, L, K): −log δ_τ(x_t)[x₁].
+
+    x_t = (1 − t)·ε + t·onehot(x₁) with t = T(τ); the network sees τ. With `projected`,
+    ε is (B, L, d) and the network gets h_t = x_t·E drawn in projected form (SPEC §10).
+    ce_chunk_size: tokens per chunk of the fused output cross-entropy (0: one chunk;
+    None: `default_ce_chunk_size()`). Returns (loss, metrics).
+    """
+    nll, weighted = token_losses_at(params, tokens, tau, eps, dropout_rng, model_config, train,
+                                    projected, ce_chunk_size)
+    mask = _mask({"tokens": tokens, "mask": mask})
+    metrics = finalize({"loss": ((weighted * mask).sum(), mask.sum()),
+                        "nll": ((nll * mask).sum(), mask.sum())})
+    return metrics["loss"], metrics
