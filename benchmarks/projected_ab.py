@@ -159,15 +159,16 @@ def main() -> None:
                 seconds = time.time() - start
                 curve = evaluate_run(workdir, c, batches, unused)
                 runs.append({"seed": seed, "train_seconds": seconds, "curve": curve})
-                print(f"{name} {path_name} seed {seed}: {seconds:.0f} s, final val {curve[-1]['val_loss']:.4f}, "
-                      f"unused-row norm {curve[-1]['unused_row_norm']}, used {curve[-1]['used_row_norm']:.3f}",
+                last = curve[-1]
+                print(f"{name} {path_name} seed {seed}: {seconds:.0f} s, final val {last['val_loss']:.4f}, "
+                      f"unused-row norm {last['unused_row_norm']}, used {last['used_row_norm']:.3f}",
                       flush=True)
             results[name][path_name] = runs
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     print(f"wrote {plot(results, os.path.join(args.out, 'projected_ab.png'))}")
-    summary = {name: {path: [run["curve"][-1]["val_loss"] for run in r[path]] for path in ("dense", "projected")}
-               for name, r in results.items()}
+    summary = {name: {path: [run["curve"][-1]["val_loss"] for run in r[path]]
+                      for path in ("dense", "projected")} for name, r in results.items()}
     print(json.dumps({"final_val_loss": summary}))
 
 

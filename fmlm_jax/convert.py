@@ -184,6 +184,7 @@ class TorchCheckpoint:
     source: str = "<state dict>"
     format: str = "state-dict"  # 'lightning-ckpt' | 'safetensors' | 'state-dict'
     weights_label: str | None = None
+    hyper_parameters: dict | None = None  # the pickled run config, as plain data (see `plain_data`)
     dropped: list = dataclasses.field(default_factory=list)
     notes: list = dataclasses.field(default_factory=list)
 
@@ -347,12 +348,110 @@ def _from_mapping(raw: Mapping, source: str, fmt: str) -> TorchCheckpoint:
         for extra in ("ema_list", "shortcut_ema"):
             if extra in full:
                 ck.notes.append(f"its `{extra}` (extra EMAs) is not converted")
+        if full.get("hyper_parameters") is not None:
+            ck.hyper_parameters = plain_data(full["hyper_parameters"])
         if full.get("__placeholders__"):
             ck.notes.append(
                 "pickled objects replaced by placeholders (not needed for the weights): "
                 + ", ".join(full["__placeholders__"])
             )
     return ck
+
+
+# ============================================================================ the training recipe
+# The released `.ckpt` files pickle their run config (an omegaconf DictConfig) under
+# `hyper_parameters`, with the names of an earlier version of the code. They are read as
+# plain data (the pickled objects are inert placeholders, see `_torch_load`) and reported in
+# today's terms; a recipe that contradicts the tensors, or conditions on another time, is refused.
+LEGACY_ALGORITHMS = {"dos_denoiser": "FLM"}  # algo.name → stage 1, the flow (denoiser) model
+LOSS_TYPES = {"sd": "psd", "psd": "psd", "lsd": "lsd", "esd": "esd"}  # training.loss_type → method
+TAU_TIME_CONDITIONS = ("alpha_t", "alpha", "tau")  # the network sees τ ("alpha" in the reference)
+
+
+def plain_data(obj, depth: int = 0):
+    """Nested dicts/lists/scalars from pickled objects: placeholders of omegaconf containers
+    (their state's `_content`) and value nodes (`_val`) are unwrapped; anything else opaque
+    becomes its repr."""
+    if depth > 64:
+        return "<too deep>"
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if isinstance(obj, dict):
+        return {str(k): plain_data(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain_data(v, depth + 1) for v in obj]
+    state = getattr(obj, "state", None)
+    if isinstance(state, dict):
+        if "_content" in state:
+            return plain_data(state["_content"], depth + 1)
+        if "_val" in state:
+            return plain_data(state["_val"], depth + 1)
+        return plain_data({k: v for k, v in state.items() if not k.startswith("_")}, depth + 1)
+    return repr(obj)
+
+
+def _find(tree, dotted: str):
+    """The value at `a.b.c` in nested dicts, searched at the top and under any one key
+    (Lightning stores the run config as hyper_parameters['config'])."""
+    def get(node, keys):
+        for key in keys:
+            if not isinstance(node, dict) or key not in node:
+                return None
+            node = node[key]
+        return node
+
+    keys = dotted.split(".")
+    found = get(tree, keys)
+    if found is None and isinstance(tree, dict):
+        for value in tree.values():
+            found = get(value, keys)
+            if found is not None:
+                break
+    return found
+
+
+def training_recipe(hyper_parameters: dict | None, two_time: bool, source: str) -> dict | None:
+    """{'stage': 'FLM' | 'FMLM-PSD' | ..., 'method', 'names': the legacy fields read} from a
+    checkpoint's `hyper_parameters`, or None when it names none of them. ValueError when the
+    recipe contradicts the tensors (an FMLM recipe without sigma_map_prime, or the reverse)
+    or when the network was conditioned on a time other than τ."""
+    if not hyper_parameters:
+        return None
+    names = {key: _find(hyper_parameters, key) for key in ("algo.name", "training.loss_type")}
+    condition = _find(hyper_parameters, "time_condition")
+    if condition is None:
+        condition = _find(hyper_parameters, "algo.time_condition")
+    names["time_condition"] = condition
+    names = {k: v for k, v in names.items() if v is not None}
+    if not names:
+        return None
+    if condition is not None and condition not in TAU_TIME_CONDITIONS:
+        raise ValueError(f"{source}: hyper_parameters say time_condition={condition!r}, but fmlm-jax "
+                         f"feeds the network τ (the reference's {TAU_TIME_CONDITIONS[0]!r}); this "
+                         "checkpoint was conditioned on another time and would sample wrongly")
+    method = LOSS_TYPES.get(str(names.get("training.loss_type", "")).lower())
+    algorithm = names.get("algo.name")
+    if method is not None:
+        stage = f"FMLM-{method.upper()}"
+    elif algorithm is not None and algorithm not in LEGACY_ALGORITHMS:
+        raise ValueError(f"{source}: hyper_parameters name algo.name={algorithm!r}, which is not an "
+                         f"FLM/FMLM algorithm this converter knows ({sorted(LEGACY_ALGORITHMS)} or a "
+                         f"training.loss_type in {sorted(LOSS_TYPES)})")
+    else:
+        stage = "FLM"
+    if stage.startswith("FMLM") != bool(two_time):
+        layout = "two-time (sigma_map_prime)" if two_time else "one-time (no sigma_map_prime)"
+        raise ValueError(f"{source}: hyper_parameters describe an {stage} run ("
+                         + ", ".join(f"{k}={v}" for k, v in names.items())
+                         + f") but its tensors are {layout}; the file is inconsistent")
+    return {"stage": stage, "method": method, "names": names}
+
+
+def describe_recipe(recipe: dict | None) -> str:
+    if recipe is None:
+        return "no training recipe in the file"
+    legacy = ", ".join(f"{k}={v}" for k, v in recipe["names"].items())
+    return f"{recipe['stage']} (from {legacy})"
 
 
 # ============================================================================ the model config
@@ -762,7 +861,7 @@ def _config_json(cfg) -> dict:
 def save_orbax(out_dir, params_raw: Mapping | None, params_ema: Mapping | None, model_config,
                step: int = 0, *, source: str | None = None, epoch: int = 0,
                ema_decay: float | None = None, ema_num_updates: int | None = None,
-               overwrite: bool = False) -> str:
+               overwrite: bool = False, recipe: dict | None = None) -> str:
     """Writes `out_dir/<step>/{params, meta}` with an Orbax CheckpointManager, atomically.
 
     params: {'raw': ..., 'ema': ...} (either may be None, not both), host numpy arrays;
@@ -790,6 +889,7 @@ def save_orbax(out_dir, params_raw: Mapping | None, params_ema: Mapping | None, 
             "num_updates": int(step if ema_num_updates is None else ema_num_updates),
         },
         "source": source,
+        "recipe": recipe,
         "num_params": model_lib.count_params(next(iter(sets.values()))),
     }
     options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True)
@@ -896,13 +996,15 @@ def torch_to_orbax(src, out_dir, config=None, weights: str = "ema", n_heads: int
     _check_free(out, overwrite)
     ck = read_torch_checkpoint(src)
     cfg = checkpoint_config(ck, config, n_heads, expected_vocab_size)
+    recipe = training_recipe(ck.hyper_parameters, cfg.two_time, ck.source)
     sets = _weight_sets(ck, cfg, weights)
     step_dir = save_orbax(
         out, sets.get("raw"), sets.get("ema"), cfg, ck.global_step, source=ck.source,
         epoch=ck.epoch, ema_decay=ck.ema_decay, ema_num_updates=ck.ema_num_updates,
-        overwrite=overwrite,
+        overwrite=overwrite, recipe=recipe,
     )
-    return {"step_dir": step_dir, "checkpoint": ck, "config": cfg, "weights": sorted(sets)}
+    return {"step_dir": step_dir, "checkpoint": ck, "config": cfg, "weights": sorted(sets),
+            "recipe": recipe}
 
 
 def orbax_to_torch(src_dir, out, weights: str = "ema", overwrite: bool = False) -> dict:
@@ -1015,6 +1117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg = result["config"]
             print(f"read {ck.source} ({ck.format}): {describe_layout(cfg)}, step {ck.global_step}"
                   + ("" if ck.ema is None else f", EMA of {len(ck.ema)} tensors"))
+            print(f"recipe: {describe_recipe(result['recipe'])}")
             for note in ck.notes + ([f"dropped {len(ck.dropped)} non-backbone/teacher tensors"]
                                     if ck.dropped else []):
                 print(f"  note: {note}")

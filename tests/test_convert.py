@@ -642,3 +642,67 @@ def test_orbax_layout_and_step_directory(converted):
     assert leaves_equal(a, b) and cfg_a == cfg_b
     with pytest.raises(ValueError, match="has no step 5"):
         convert.load_orbax(root, step=5)
+
+
+def _omegaconf_modules(monkeypatch):
+    """Stand-ins for omegaconf's DictConfig / AnyNode, registered under omegaconf's module names
+    so that a checkpoint pickles them as the released files do (the converter never imports
+    omegaconf: it reads their pickled state through placeholders)."""
+    import types
+
+    package = types.ModuleType("omegaconf")
+    dictconfig, nodes = types.ModuleType("omegaconf.dictconfig"), types.ModuleType("omegaconf.nodes")
+
+    class DictConfig:
+        def __init__(self, content):
+            self._metadata, self._parent = {"key": None}, None
+            self._content = {k: (DictConfig(v) if isinstance(v, dict) else AnyNode(v))
+                             for k, v in content.items()}
+
+    class AnyNode:
+        def __init__(self, value):
+            self._val, self._metadata = value, {"optional": True}
+
+    DictConfig.__module__, AnyNode.__module__ = dictconfig.__name__, nodes.__name__
+    DictConfig.__qualname__, AnyNode.__qualname__ = "DictConfig", "AnyNode"
+    dictconfig.DictConfig, nodes.AnyNode = DictConfig, AnyNode
+    for module in (package, dictconfig, nodes):
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+    return DictConfig
+
+
+RELEASED_NAMES = {  # the legacy names of the released checkpoints' run configs
+    "flm": {"algo": {"name": "dos_denoiser", "time_condition": "alpha_t"}, "training": {"loss_type": "ce"}},
+    "fmlm": {"algo": {"name": "dos_denoiser", "time_condition": "alpha_t"}, "training": {"loss_type": "sd"}},
+}
+
+
+@pytest.mark.parametrize("name,stage", [("flm", "FLM"), ("fmlm", "FMLM-PSD")])
+def test_released_legacy_hyper_parameters_are_reported(name, stage, tmp_path, monkeypatch, capsys):
+    dict_config = _omegaconf_modules(monkeypatch)
+    ck = tload(fixture(name))
+    ck["hyper_parameters"] = {"config": dict_config(RELEASED_NAMES[name]), "tokenizer": _PickledConfig(1)}
+    torch.save(ck, tmp_path / "released.ckpt")
+    monkeypatch.delitem(sys.modules, "omegaconf")  # as on a user's machine without omegaconf
+    read = convert.read_torch_checkpoint(tmp_path / "released.ckpt")
+    loss_type = RELEASED_NAMES[name]["training"]["loss_type"]
+    assert read.hyper_parameters["config"]["training"]["loss_type"] == loss_type
+    recipe = convert.training_recipe(read.hyper_parameters, name == "fmlm", read.source)
+    assert recipe["stage"] == stage and recipe["names"]["time_condition"] == "alpha_t"
+    assert convert.main(["torch-to-orbax", "--src", str(tmp_path / "released.ckpt"),
+                         "--out", str(tmp_path / "out"), "--n-heads", "3"]) == 0
+    out = capsys.readouterr().out
+    assert f"recipe: {stage} (from algo.name=dos_denoiser" in out
+    assert convert.orbax_metadata(str(tmp_path / "out"))["recipe"]["stage"] == stage
+
+
+def test_a_recipe_that_contradicts_the_tensors_or_the_time_is_refused():
+    fmlm = {"config": RELEASED_NAMES["fmlm"]}
+    with pytest.raises(ValueError, match="FMLM-PSD run .* but its tensors are one-time"):
+        convert.training_recipe(fmlm, two_time=False, source="x.ckpt")
+    other_time = {"config": {"algo": {"name": "dos_denoiser", "time_condition": "t"}}}
+    with pytest.raises(ValueError, match="time_condition='t'"):
+        convert.training_recipe(other_time, two_time=False, source="x.ckpt")
+    with pytest.raises(ValueError, match="algo.name='mdlm'"):
+        convert.training_recipe({"algo": {"name": "mdlm"}}, two_time=False, source="x.ckpt")
+    assert convert.training_recipe({"lr": 3e-4}, two_time=True, source="x.ckpt") is None
