@@ -19,9 +19,9 @@ import math
 import time
 
 import jax
-import ml_collections
 import numpy as np
 
+from fmlm_jax import config as fmlm_config
 from fmlm_jax import sampling, train
 from fmlm_jax.model import model_config
 from fmlm_jax.objectives import distill
@@ -56,19 +56,13 @@ def phrase_stats(ids: np.ndarray) -> dict:
                 sample_entropy=_entropy(rows))
 
 
-def base_config(two_time: bool, mode: str, num_steps: int, method: str = "psd"):
-    config = ml_collections.ConfigDict()
-    config.mode = mode
+def base_config(two_time: bool, num_steps: int, method: str = "psd"):
+    config = fmlm_config.defaults("fmlm" if two_time else "flm")
     config.model = model_config("tiny", vocab_size=len(WORDS), hidden_size=64, cond_dim=32,
                                 n_blocks=2, n_heads=4, dropout=0.0, two_time=two_time)
-    config.flm = dict(tau_min=0.0, tau_max=1.0)
-    config.train = dict(num_steps=num_steps, lr=1e-3, warmup_steps=100, b1=0.9, b2=0.999,
+    config.train.update(num_steps=num_steps, lr=1e-3, warmup_steps=100, b1=0.9, b2=0.999,
                         eps=1e-8, weight_decay=0.0, grad_clip=1.0, ema_decay=0.999)
-    config.distill = dict(method=method, use_teacher=True, diagonal_fraction=0.5,
-                          boundary_prob=8.0, offdiag_sampling="uniform_diff",
-                          use_mse_loss_psd=False, rescale_offdiag_loss_psd=False,
-                          use_ema_for_psd_target=False, use_teacher_for_D_t_lsd=False,
-                          entmax_temp_lsd=2.0)
+    config.distill.update(method=method, use_teacher=True, boundary_prob=8.0)
     return config
 
 
@@ -98,7 +92,7 @@ def main():
     start = time.time()
     keys = jax.random.split(jax.random.key(args.seed), 4)
 
-    teacher_cfg = base_config(False, "train", args.teacher_steps)
+    teacher_cfg = base_config(False, args.teacher_steps)
     teacher_state = fit(teacher_cfg, train.create_train_state(teacher_cfg, keys[0]), keys[1],
                         args.batch_size, args.seed, log=log, name="flm teacher")
     teacher = teacher_state.ema_params
@@ -110,7 +104,7 @@ def main():
         results.append(dict(model="flm", steps=steps, **phrase_stats(ids)))
 
     for method in args.methods.split(","):
-        cfg = base_config(True, "distill", args.distill_steps, method)
+        cfg = base_config(True, args.distill_steps, method)
         student = distill.init_student(teacher, cfg.model, keys[3])
         state = fit(cfg, train.create_train_state(cfg, keys[3], params=student), keys[1],
                     args.batch_size, args.seed + 1, teacher=teacher, log=log,

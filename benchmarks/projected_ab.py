@@ -12,7 +12,7 @@ those that do.
     python benchmarks/projected_ab.py --out runs/projected_ab [--seeds 0,1,2] [--only demo,synthetic]
 
 Configurations: `demo` = configs/shakespeare_flm.py (K = 1024 BPE, d = 128, 600 steps) on the
-embedded Shakespeare corpus; `synthetic` = configs/synthetic_demo.py with the vocabulary padded
+embedded Shakespeare corpus; `synthetic` = configs/tiny_flm.py (synthetic phrases) with the vocabulary padded
 to K = 256 (ids ≥ 41 never occur; the projection needs K ≥ d = 64). Writes OUT/results.json and
 OUT/projected_ab.png; the last line printed is one JSON object.
 """
@@ -20,7 +20,6 @@ OUT/projected_ab.png; the last line printed is one JSON object.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import time
@@ -30,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fmlm_jax import checkpoints, demo, train
-from fmlm_jax.data import pipeline
+from fmlm_jax.data import loader, pipeline
 from fmlm_jax.objectives import flm
 
 SYNTHETIC_VOCAB = 256
@@ -41,30 +40,23 @@ def configs(out: str, only: list[str]) -> dict:
     result = {}
     if "demo" in only:
         c = demo.load_config("shakespeare_flm")
-        tok_dir = demo.prepare_corpus(c.data, os.path.join(out, "corpus"), log=print)
+        tok_dir = demo.prepare_corpus(c.data, c.model, os.path.join(out, "corpus"), log=print)
         c.data.dir, c.data.tokenizer = os.path.join(out, "corpus", "data"), tok_dir
         c.train.update(save_every=50, keep_last=100, log_every=100)
         result["demo"] = c
     if "synthetic" in only:
-        c = _load("synthetic_demo")
+        c = demo.load_config("tiny_flm")
         c.model.vocab_size = SYNTHETIC_VOCAB
         c.train.update(save_every=100, keep_last=100, log_every=200)
         result["synthetic"] = c
     return result
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(demo.CONFIG_DIR, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def validation_batches(config) -> list[dict]:
     """Fixed held-out batches: the prepared validation split, or a synthetic stream of its own."""
     c = config.copy_and_resolve_references()
     c.seed = 12345  # a data stream no training run sees
-    it = train.make_data_iterator(c, "validation")
+    it = loader.make_iterator(c, "validation")
     return [next(it) for _ in range(EVAL_BATCHES)]
 
 
@@ -77,7 +69,7 @@ def token_counts(config) -> np.ndarray:
         for i in range(len(ds)):
             counts += np.bincount(ds[i]["tokens"].ravel(), minlength=len(counts))
     else:
-        it = train.make_data_iterator(config, "train")
+        it = loader.make_iterator(config, "train")
         for _ in range(200):
             counts += np.bincount(next(it)["tokens"].ravel(), minlength=len(counts))
     return counts
@@ -92,10 +84,10 @@ def evaluate_run(workdir: str, config, batches: list[dict], unused: np.ndarray) 
     steps = sorted(manager.all_steps())
     manager.close()
     for step in steps:
-        params, _ = checkpoints.load_weights(os.path.join(workdir, str(step)), weights="ema")
+        params, _, _ = checkpoints.load(os.path.join(workdir, str(step)), weights="ema")
         params = jax.tree_util.tree_map(jnp.asarray, params)
         val = np.mean([float(loss(params, b, jax.random.key(i))) for i, b in enumerate(batches)])
-        raw, _ = checkpoints.load_weights(os.path.join(workdir, str(step)), weights="raw")
+        raw, _, _ = checkpoints.load(os.path.join(workdir, str(step)), weights="raw")
         norms = np.linalg.norm(np.asarray(raw["vocab_embed"]["embedding"]), axis=1)
         rows.append({"step": step, "val_loss": float(val),
                      "unused_row_norm": float(norms[unused].mean()) if unused.any() else None,

@@ -57,15 +57,15 @@ def _median_seconds(fn, steps: int) -> float:
 
 def run_jax_train(width: str, batch: int, steps: int, projected: bool, ce_chunk: int) -> dict:
     import jax
-    import ml_collections
     import numpy as np
 
+    from fmlm_jax import config as fmlm_config
     from fmlm_jax import train
 
-    config = ml_collections.ConfigDict()
+    config = fmlm_config.defaults("flm")
     config.model = _model_config(width, False)
-    config.flm = dict(tau_min=0.0, tau_max=1.0, projected_noise=projected, ce_chunk_size=ce_chunk)
-    config.train = dict(lr=3e-4, warmup_steps=10, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+    config.flm.update(tau_min=0.0, tau_max=1.0, projected_noise=projected, ce_chunk_size=ce_chunk)
+    config.train.update(lr=3e-4, warmup_steps=10, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
                         grad_clip=1.0, ema_decay=0.9999)
     state = train.create_train_state(config, jax.random.key(0))
     step_fn = train.jit_train_step(config)

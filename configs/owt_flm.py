@@ -10,80 +10,51 @@ in float32, so the global batch of 512 needs many devices, `train.grad_accum_ste
 `flm.projected_noise=True` (SPEC §10).
 """
 
-import os
-import sys
-
-import ml_collections
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # config files load by path
-import common  # noqa: E402
-
-from fmlm_jax.model import model_config  # noqa: E402
+from fmlm_jax import config as fmlm_config
 
 
-def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.seed = 0
-    config.mode = "train"  # FLM
-
-    config.data = ml_collections.ConfigDict(
-        dict(
-            source="prepared",
-            dir="data/owt",  # fmlm_jax.data.prepare --dataset=owt: train[:-100000] / train[-100000:]
-            seq_len=1024,  # L; wrapped with <|endoftext|> (50256) as BOS = EOS = separator
-            batch_size=512,  # GLOBAL batch
-            valid_split="validation",
-            tokenizer="gpt2",  # + one added [PAD]: K = 50258
-        )
+def get_config():
+    config = fmlm_config.defaults("flm")
+    config.data.update(
+        source="prepared",
+        dir="data/owt",  # fmlm_jax.data.prepare --dataset=owt: train[:-100000] / train[-100000:]
+        seq_len=1024,  # L; wrapped with <|endoftext|> (50256) as BOS = EOS = separator
+        batch_size=512,  # GLOBAL batch
+        valid_split="validation",
+        tokenizer="gpt2",  # + one added [PAD]: K = 50258
     )
-
-    config.model = model_config(
-        "small",  # d 768, 12 blocks, 12 heads, cond 128
-        vocab_size=50258,
-        dropout=0.1,
-        two_time=False,
-        dtype="bfloat16",
+    config.model.update(fmlm_config.model_size("small"), vocab_size=50258, dropout=0.1, dtype="bfloat16")
+    config.flm.update(tau_min=0.0, tau_max=1.0, projected_noise=False)
+    config.train.update(
+        num_steps=1_000_000,
+        lr=3e-4,
+        schedule="constant",
+        warmup_steps=2500,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        weight_decay=0.0,
+        grad_clip=1.0,
+        ema_decay=0.9999,
+        grad_accum_steps=1,
+        log_every=100,
+        save_every=5000,
+        keep_last=2,
+        keep_every=100_000,
+        eval_every=5000,
+        eval_batches=16,  # [ours] a fixed subset of the 100k-document validation split
+        sample_every=5000,
+        sample_num=2,
     )
-
-    config.flm = ml_collections.ConfigDict(dict(tau_min=0.0, tau_max=1.0, projected_noise=False))
-
-    config.train = ml_collections.ConfigDict(
-        dict(
-            num_steps=1_000_000,
-            lr=3e-4,
-            schedule="constant",  # after the linear warm-up
-            warmup_steps=2500,
-            b1=0.9,
-            b2=0.999,
-            eps=1e-8,
-            weight_decay=0.0,
-            grad_clip=1.0,
-            ema_decay=0.9999,  # with warm-up: min(0.9999, (1 + n)/(10 + n))
-            grad_accum_steps=1,
-            log_every=100,
-            save_every=5000,
-            keep_last=2,
-            keep_every=100_000,
-            eval_every=5000,
-            eval_batches=16,  # [ours] a fixed subset of the 100k-document validation split
-            sample_every=5000,
-            sample_num=2,
-        )
+    config.sample.update(
+        num_samples=1024,  # [ours]
+        steps=(8, 16, 32, 64, 128, 256, 512, 1024),  # SPEC §9
+        batch_size=16,  # a (16, 1024, 50258) float32 state is 3.3 GB
     )
-
-    config.mesh = common.mesh()
-
-    config.sample = ml_collections.ConfigDict(
-        dict(
-            num_samples=1024,  # [ours]
-            steps=(8, 16, 32, 64, 128, 256, 512, 1024),  # SPEC §9
-            batch_size=16,  # a (16, 1024, 50258) float32 state is 3.3 GB
-        )
-    )
-    config.eval = ml_collections.ConfigDict(dict(evaluator="gpt2-large", batch_size=8))
+    config.eval.update(evaluator="gpt2-large", batch_size=8)
     return config
 
 
 def sweep() -> list[dict]:
     """Learning rate around the published 3e-4 (one job per point)."""
-    return common.grid(**{"train.lr": [1e-4, 3e-4, 6e-4]})
+    return fmlm_config.grid(**{"train.lr": [1e-4, 3e-4, 6e-4]})

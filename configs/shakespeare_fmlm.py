@@ -5,23 +5,20 @@ python -m fmlm_jax.main --config=configs/shakespeare_fmlm.py --workdir=runs/demo
 """
 
 import os
-import sys
 
-import ml_collections
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # config files load by path
-import shakespeare_flm  # noqa: E402
+from fmlm_jax import config as fmlm_config
 
 
-def get_config(variant: str = "") -> ml_collections.ConfigDict:
-    config = shakespeare_flm.get_config(variant)
+def get_config(variant: str = ""):
+    flm = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shakespeare_flm.py")
+    config = fmlm_config.load(flm + (f":{variant}" if variant else ""))
     quick = variant == "quick"
-    config.mode = "distill"
+    config.mode = "fmlm"
     config.model.two_time = True
     config.flm.projected_noise = False  # distillation draws dense noise (SPEC §5)
     config.data.batch_size = 8 if quick else 32
-    config.train.update(num_steps=2 if quick else 200, lr=1e-3, warmup_steps=1 if quick else 25)
-    config.distill = ml_collections.ConfigDict(dict(
+    config.train.update(num_steps=2 if quick else 200, lr=1e-3, warmup_steps=1 if quick else 25, b2=0.999)
+    config.distill.update(
         method="psd",
         use_teacher=True,
         teacher_path="",  # set by the demo: WORKDIR/flm
@@ -30,11 +27,6 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         # none, and the boundary map is the one-step sampler.
         boundary_prob=4.0,
         offdiag_sampling="uniform_diff",
-        use_mse_loss_psd=False,
-        rescale_offdiag_loss_psd=False,
-        use_ema_for_psd_target=False,
-        use_teacher_for_D_t_lsd=False,
-        entmax_temp_lsd=2.0,
-    ))
+    )
     config.sample.update(steps=(1, 2) if quick else (1, 2, 4, 8), gamma=0.8)  # SPEC §6: γ = 0.8 on LM1B
     return config

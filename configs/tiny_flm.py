@@ -1,6 +1,7 @@
 """The LM1B/OWT FLM recipe at CPU size: the same groups and keys, a narrow DiT, synthetic phrases.
 
-    launch/local.sh --config=configs/tiny_flm.py      # → runs/tiny_flm, a few minutes on 2 CPU cores
+    python -m fmlm_jax.main --config=configs/tiny_flm.py --workdir=runs/tiny_flm   # ~1 min on 2 CPU cores
+    launch/local.sh --config=configs/tiny_flm.py                                   # the same, → runs/tiny_flm
 
 On a prepared local-text source instead (any tokenizer; K must match it):
 
@@ -14,79 +15,53 @@ What differs from configs/lm1b_flm.py, and why: width/depth (CPU), dropout 0 and
 hundred steps on a tiny corpus), float32 compute (bf16 is emulated, hence slow, on CPU), steps.
 """
 
-import os
-import sys
-
-import ml_collections
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # config files load by path
-import common  # noqa: E402
-
-from fmlm_jax.data.synthetic import WordTokenizer  # noqa: E402
-from fmlm_jax.model import model_config  # noqa: E402
+from fmlm_jax import config as fmlm_config
+from fmlm_jax.data.synthetic import WordTokenizer
 
 
-def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.seed = 0
-    config.mode = "train"  # FLM
-
-    config.data = ml_collections.ConfigDict(
-        dict(
-            source="synthetic",  # built-in phrases; 'prepared' reads `dir`
-            dir="",  # a prepared-data directory when source='prepared'
-            seq_len=16,
-            batch_size=64,  # GLOBAL batch
-            valid_split="validation",  # used with source='prepared'
-            tokenizer="",  # used with source='prepared' (the synthetic source has its own word tokenizer)
-        )
+def get_config():
+    config = fmlm_config.defaults("flm")
+    config.data.update(
+        source="synthetic",  # built-in phrases; 'prepared' reads `dir`
+        seq_len=16,
+        batch_size=64,  # GLOBAL batch
     )
-
-    config.model = model_config(
-        "tiny",
+    config.model.update(
         vocab_size=len(WordTokenizer()),
         hidden_size=64,
         cond_dim=32,
         n_blocks=2,
         n_heads=4,
         dropout=0.0,
-        two_time=False,
         dtype="float32",
     )
-
-    config.flm = ml_collections.ConfigDict(dict(tau_min=0.0, tau_max=1.0, projected_noise=False))
-
-    config.train = ml_collections.ConfigDict(
-        dict(
-            num_steps=800,
-            lr=2e-3,
-            schedule="constant",
-            warmup_steps=50,
-            b1=0.9,
-            b2=0.999,
-            eps=1e-8,
-            weight_decay=0.0,
-            grad_clip=1.0,
-            ema_decay=0.9999,  # with warm-up: min(0.9999, (1 + n)/(10 + n))
-            grad_accum_steps=1,
-            log_every=100,
-            save_every=200,
-            keep_last=3,
-            keep_every=0,
-            eval_every=200,
-            eval_batches=4,
-            sample_every=400,
-            sample_num=4,
-        )
+    config.flm.update(tau_min=0.0, tau_max=1.0, projected_noise=False)
+    config.train.update(
+        num_steps=800,
+        lr=2e-3,
+        schedule="constant",
+        warmup_steps=50,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        weight_decay=0.0,
+        grad_clip=1.0,
+        ema_decay=0.9999,  # with warm-up: min(0.9999, (1 + n)/(10 + n))
+        grad_accum_steps=1,
+        log_every=100,
+        save_every=200,
+        keep_last=3,
+        keep_every=0,
+        eval_every=200,
+        eval_batches=4,
+        sample_every=400,
+        sample_num=4,
+        sample_steps=16,
     )
-
-    config.mesh = common.mesh()
-
-    config.sample = ml_collections.ConfigDict(dict(num_samples=256, steps=(1, 4, 16, 64), batch_size=256))
-    config.eval = ml_collections.ConfigDict(dict(evaluator="gpt2-large", batch_size=8))
+    config.sample.update(num_samples=256, steps=(1, 4, 16, 64), batch_size=256)
     return config
 
 
 def sweep() -> list[dict]:
     """Three seeds: a cheap sweep for trying the launchers."""
-    return common.grid(seed=[0, 1, 2])
+    return fmlm_config.grid(seed=[0, 1, 2])

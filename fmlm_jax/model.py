@@ -19,32 +19,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-# SPEC §3: (hidden_size, n_blocks, n_heads, cond_dim) of the published sizes.
-MODEL_SIZES = {
-    "tiny": (256, 8, 8, 128),
-    "small": (768, 12, 12, 128),
-    "medium": (1024, 24, 16, 128),
-    "xlarge": (1600, 48, 25, 128),
-}
+from fmlm_jax import config as fmlm_config
 
-REQUIRED_KEYS = (
-    "vocab_size",
-    "hidden_size",
-    "cond_dim",
-    "n_blocks",
-    "n_heads",
-    "dropout",
-    "two_time",
-    "learnable_loss_weighting",
-)
-# Optional keys and their defaults (reference values, SPEC §3).
-OPTIONAL_DEFAULTS = {
-    "mlp_ratio": 4,
-    "attn_softcap": 50.0,  # scores → 50·tanh(scores / 50)
-    "output_cap": 30.0,  # logits → 30·tanh(logits / 30) before the log-softmax
-    "dtype": "float32",  # compute dtype of the blocks and final layer ('bfloat16' for speed)
-    "param_dtype": "float32",
-}
+MODEL_SIZES = fmlm_config.MODEL_SIZES
+OPTIONAL_DEFAULTS = fmlm_config.MODEL_OPTIONAL_DEFAULTS
+REQUIRED_KEYS = tuple(k for k in fmlm_config.model_group() if k not in OPTIONAL_DEFAULTS)
 
 TIME_FREQUENCIES = 128  # sinusoidal time features: 128 cos + 128 sin
 LOSS_WEIGHT_HIDDEN = 128  # width of the learnable loss-weighting MLP (SPEC §3.9)
@@ -53,32 +32,14 @@ LN_EPS = 1e-5
 
 
 def model_config(size: str = "small", vocab_size: int = 30522, **overrides) -> ml_collections.ConfigDict:
-    """A complete model config for one of the SPEC sizes; `overrides` replace fields."""
-    if size not in MODEL_SIZES:
-        raise ValueError(f"unknown model size {size!r}; expected one of {sorted(MODEL_SIZES)}")
-    hidden, blocks, heads, cond = MODEL_SIZES[size]
-    cfg = ml_collections.ConfigDict(
-        dict(
-            vocab_size=vocab_size,
-            hidden_size=hidden,
-            cond_dim=cond,
-            n_blocks=blocks,
-            n_heads=heads,
-            dropout=0.1,
-            two_time=False,
-            learnable_loss_weighting=False,
-            **OPTIONAL_DEFAULTS,
-        )
-    )
-    for key, value in overrides.items():
-        if key not in cfg:
-            raise KeyError(f"model config has no field {key!r}; fields are {sorted(cfg)}")
-        cfg[key] = value
-    return cfg
+    """A complete model config for one of the SPEC sizes; `overrides` replace fields
+    (`fmlm_jax.config.model_group`)."""
+    return fmlm_config.model_group(size, vocab_size, **overrides)
 
 
 def resolve_config(config) -> ml_collections.ConfigDict:
-    """Checks a model config and fills the optional fields with their defaults."""
+    """Checks a model config and fills the optional fields (absent from older checkpoints)
+    with their defaults."""
     missing = [k for k in REQUIRED_KEYS if k not in config]
     if missing:
         raise ValueError(
@@ -88,7 +49,7 @@ def resolve_config(config) -> ml_collections.ConfigDict:
     unknown = sorted(set(config.keys()) - known)
     if unknown:
         raise ValueError(f"model config has unknown fields {unknown}; known fields: {sorted(known)}")
-    cfg = ml_collections.ConfigDict({**OPTIONAL_DEFAULTS, **config.to_dict()})
+    cfg = ml_collections.ConfigDict({**OPTIONAL_DEFAULTS, **dict(config.items())})
     if cfg.hidden_size % cfg.n_heads:
         raise ValueError(f"hidden_size {cfg.hidden_size} is not divisible by n_heads {cfg.n_heads}")
     if (cfg.hidden_size // cfg.n_heads) % 2:
@@ -487,22 +448,66 @@ def count_params(params) -> int:
     return sum(int(math.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
 
 
-def log_denoiser(params, model_config, *, train: bool = False, rng: jax.Array | None = None,
-                 embedded: bool = False):
-    """The network as a function `(z, τ_s, τ_t) → log δ (B, L, K)` (capped log-softmax).
+def denoiser_scores(params, model_config, *, train: bool = False, rng: jax.Array | None = None,
+                    embedded: bool = False):
+    """The network as a function `(z, τ_s, τ_t) → cap·tanh(logits/cap)` (B, L, K), float32:
+    log δ up to a per-token constant, so the same argmax (samplers take their last step on it).
 
-    The one place where parameters become a log-denoiser: objectives, samplers and tests
-    call it instead of writing the closure. A one-time model ignores τ_t (pass None or
-    anything). train: dropout on, with `rng` (one dropout key per call site: make one
-    denoiser per site). embedded: z is the projected input h = z·E (B, L, d) (SPEC §10).
+    The one place where parameters become a denoiser (`log_denoiser` builds on it): objectives,
+    samplers and tests call these instead of writing the closure. A one-time model ignores
+    τ_t. train: dropout on, with `rng` (one key per call site: make one function per site).
+    embedded: z is the projected input h = z·E (B, L, d) (SPEC §10).
     """
     net = DiT(model_config)
     cfg = resolve_config(model_config)
     rngs = {"dropout": rng} if (train and rng is not None) else None
 
-    def log_delta(z, tau_s, tau_t=None):
+    def scores(z, tau_s, tau_t=None):
         logits = net.apply({"params": params}, z, tau_s, tau_t if cfg.two_time else None,
                            train=train, rngs=rngs, embedded=embedded)
-        return log_probs(logits, cfg.output_cap)
+        return cfg.output_cap * jnp.tanh(logits.astype(jnp.float32) / cfg.output_cap)
+
+    return scores
+
+
+def log_denoiser(params, model_config, *, train: bool = False, rng: jax.Array | None = None,
+                 embedded: bool = False):
+    """The network as a function `(z, τ_s, τ_t) → log δ (B, L, K)`, the capped log-softmax
+    (SPEC §3.6); arguments as `denoiser_scores`."""
+    scores = denoiser_scores(params, model_config, train=train, rng=rng, embedded=embedded)
+
+    def log_delta(z, tau_s, tau_t=None):
+        return jax.nn.log_softmax(scores(z, tau_s, tau_t), axis=-1)
 
     return log_delta
+
+
+def to_host(params) -> dict:
+    """Every leaf as a host numpy array (jax arrays are fetched)."""
+    return jax.tree_util.tree_map(np.asarray, jax.device_get(params))
+
+
+def config_json(model_config) -> dict:
+    """A resolved model config as plain JSON values (for checkpoint metadata)."""
+    cfg = resolve_config(model_config)
+    return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in cfg.to_dict().items()}
+
+
+def check_params(params, model_config, what: str = "params") -> None:
+    """ValueError naming missing, unexpected and mis-shaped leaves unless `params` fit
+    `DiT(model_config)`."""
+    want = param_shapes(model_config)
+    got_paths = {jax.tree_util.keystr(p): np.shape(x)
+                 for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    want_paths = {jax.tree_util.keystr(p): tuple(x.shape)
+                  for p, x in jax.tree_util.tree_flatten_with_path(want)[0]}
+    if got_paths != want_paths:
+        missing = sorted(set(want_paths) - set(got_paths))[:4]
+        extra = sorted(set(got_paths) - set(want_paths))[:4]
+        shapes = [f"{k}: {got_paths[k]} vs {want_paths[k]}" for k in sorted(got_paths)
+                  if k in want_paths and got_paths[k] != want_paths[k]][:4]
+        cfg = resolve_config(model_config)
+        kind = "two-time FMLM" if cfg.two_time else "one-time FLM"
+        raise ValueError(f"{what} do not fit the model config ({kind}, width {cfg.hidden_size}, vocab "
+                         f"{cfg.vocab_size}): missing {missing}, unexpected {extra}, shape mismatches "
+                         f"{shapes}")

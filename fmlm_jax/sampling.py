@@ -53,14 +53,10 @@ def _euler_sample(params, config, state0, num_steps, embedded: bool):
     every update is linear in z, so it carries over to h with δ replaced by δ·E."""
     tau, t = (jnp.asarray(a, jnp.float32) for a in flm_time_grid(config.vocab_size, num_steps))
     embedding = params["vocab_embed"]["embedding"].astype(jnp.float32)
-    net = model_lib.DiT(config)
-
-    def denoiser(state, tau_i):
-        logits = net.apply({"params": params}, state, tau_i, embedded=embedded)
-        return jnp.exp(model_lib.log_probs(logits, config.output_cap))
+    scores = model_lib.denoiser_scores(params, config, embedded=embedded)
 
     def euler_step(i, state):
-        target = denoiser(state, tau[i])
+        target = jax.nn.softmax(scores(state, tau[i]), axis=-1)  # D_{τ_i}(z)
         if embedded:
             target = jnp.einsum("blk,kd->bld", target, embedding)
         return state + (t[i + 1] - t[i]) * (target - state) / (1.0 - t[i] + EULER_EPS)
@@ -68,8 +64,7 @@ def _euler_sample(params, config, state0, num_steps, embedded: bool):
     state = jax.lax.fori_loop(0, num_steps - 1, euler_step, state0.astype(jnp.float32))
     # The last step jumps to the denoiser's prediction: argmax D_{τ_{N−1}}(z), taken on the
     # capped logits (softmax is monotone), which skips a (B, L, K) log-softmax and exp.
-    logits = net.apply({"params": params}, state, tau[num_steps - 1], embedded=embedded)
-    return jnp.argmax(config.output_cap * jnp.tanh(logits / config.output_cap), axis=-1).astype(jnp.int32)
+    return jnp.argmax(scores(state, tau[num_steps - 1]), axis=-1).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "num_steps", "projected"))
@@ -153,12 +148,8 @@ def fmlm_loop(log_delta, z0: jax.Array, grid: dict, gamma: float, rng, lift=None
 
 @functools.partial(jax.jit, static_argnames=("config", "num_steps", "gamma", "projected"))
 def _fmlm_sample(params, config, z0, rng, num_steps, gamma, projected):
-    def capped_logits(z, tau_s, tau_t):  # log δ up to a per-token constant: the same argmax
-        logits = model_lib.DiT(config).apply({"params": params}, z, tau_s, tau_t, embedded=projected)
-        return config.output_cap * jnp.tanh(logits / config.output_cap)
-
-    def log_delta(z, tau_s, tau_t):
-        return jax.nn.log_softmax(capped_logits(z, tau_s, tau_t), axis=-1)
+    capped_logits = model_lib.denoiser_scores(params, config, embedded=projected)
+    log_delta = model_lib.log_denoiser(params, config, embedded=projected)
 
     grid = fmlm_time_grid(config.vocab_size, num_steps, gamma)
     if not projected:
@@ -192,3 +183,27 @@ def fmlm_sample(params, config, z0: jax.Array, num_steps: int, gamma: float = 0.
     rng = jax.random.key(0) if rng is None else rng  # unused when no noise is drawn
     return _fmlm_sample(params, frozen, jnp.asarray(z0), rng, int(num_steps), float(gamma),
                         bool(projected))
+
+
+def initial_noise(rng: jax.Array, num: int, seq_len: int, model_config, projected: bool = False) -> jax.Array:
+    """z₀ ~ N(0, I) of shape (num, L, K), or ε̃ (num, L, d) for the projected samplers (SPEC §10)."""
+    cfg = model_lib.resolve_config(model_config)
+    width = cfg.hidden_size if projected else cfg.vocab_size
+    return jax.random.normal(rng, (num, seq_len, width), jnp.float32)
+
+
+def generate(params, model_config, z0: jax.Array, num_steps: int, *, gamma: float = 0.0,
+             rng: jax.Array | None = None, projected: bool = False) -> jax.Array:
+    """Token ids (B, L) from the sampler the model calls for (SPEC §6): the FMLM γ-sampler for
+    a two-time model, FLM Euler for a one-time one (which has no γ). z0 from `initial_noise`."""
+    if model_lib.resolve_config(model_config).two_time:
+        return fmlm_sample(params, model_config, z0, num_steps, gamma, rng, projected)
+    if gamma != 0.0:
+        raise ValueError(f"gamma={gamma} applies to FMLM (two-time) models only; this is an FLM "
+                         "(Euler sampler): use gamma=0")
+    return flm_sample(params, model_config, z0, num_steps, projected)
+
+
+def sampler_name(model_config) -> str:
+    """'fmlm' (γ-sampler) for a two-time model, 'flm' (Euler) otherwise."""
+    return "fmlm" if model_lib.resolve_config(model_config).two_time else "flm"

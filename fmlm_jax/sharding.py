@@ -179,7 +179,7 @@ def param_shardings(params_or_shapes, mesh: Mesh):
 
 
 def state_shardings(state, mesh: Mesh):
-    """Shardings of a `fmlm_jax.train.TrainState` (arrays or ShapeDtypeStructs).
+    """Shardings of a train state (arrays or ShapeDtypeStructs; `fmlm_jax.train.TrainState`).
 
     params and ema_params by the rules; optimizer-state subtrees shaped like the params
     (Adam's mu, nu) likewise; every other leaf (step, counts, keys) replicated.
@@ -201,52 +201,3 @@ def state_shardings(state, mesh: Mesh):
 def place(tree, shardings):
     """`tree` on the devices as `shardings` say (a matching pytree or one sharding)."""
     return jax.device_put(tree, shardings)
-
-
-# ----------------------------------------------------------------------------- train step
-
-
-def train_state_shapes(config):
-    """ShapeDtypeStructs of `train.create_train_state(config, ...)`, nothing allocated."""
-    from fmlm_jax import train  # train imports the model and objectives; keep this module light
-
-    return jax.eval_shape(lambda: train.create_train_state(config, jax.random.key(0)))
-
-
-def init_train_state(config, mesh: Mesh, rng: jax.Array, params=None):
-    """`train.create_train_state(config, rng, params)` created directly in its shardings on
-    `mesh` (no full copy of the parameters on one device first, unless `params` are given,
-    e.g. a student initialised from its teacher)."""
-    from fmlm_jax import train
-
-    shardings = state_shardings(train_state_shapes(config), mesh)
-    if params is None:
-        return jax.jit(lambda key: train.create_train_state(config, key), out_shardings=shardings)(rng)
-    return jax.jit(lambda key, p: train.create_train_state(config, key, params=p),
-                   out_shardings=shardings)(rng, params)
-
-
-def shard_train_step(config, mesh: Mesh, teacher_params=None):
-    """`train.train_step` jitted with explicit shardings on `mesh`, donating the state.
-
-    Returns step(state, batch, rng) → (state, metrics), or with `teacher_params` (arrays or
-    shapes; only their structure is used) step(state, batch, rng, teacher_params).
-    Place the inputs first: `place(state, state_shardings(state, mesh))`,
-    `place(batch, batch_sharding(mesh))`. batch size must be divisible by mesh.size.
-    """
-    from fmlm_jax import train
-
-    state_sh = state_shardings(train_state_shapes(config), mesh)
-    rep = replicated(mesh)
-    in_sh = [state_sh, batch_sharding(mesh), rep]
-    if teacher_params is None:
-        def step(state, batch, rng):
-            return train.train_step(state, batch, rng, config)
-    else:
-        in_sh.append(param_shardings(teacher_params, mesh))
-
-        def step(state, batch, rng, teacher):
-            return train.train_step(state, batch, rng, config, teacher_params=teacher)
-
-    return jax.jit(step, in_shardings=tuple(in_sh), out_shardings=(state_sh, rep),
-                   donate_argnums=0)

@@ -15,8 +15,8 @@ Precision: `model.dtype='bfloat16'` runs the blocks and the output layer in bf16
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import json
 import math
 import os
 import signal
@@ -30,8 +30,10 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
+from fmlm_jax import checkpoints, metrics, objectives, sampling, sharding
+from fmlm_jax import config as fmlm_config
 from fmlm_jax import model as model_lib
-from fmlm_jax import objectives
+from fmlm_jax.data import loader, tokenizers
 
 
 @flax.struct.dataclass
@@ -46,12 +48,12 @@ def learning_rate(train_config) -> optax.Schedule:
     """Linear warm-up from 0 to `lr`, then constant (SPEC §4, `schedule='constant'`) or a
     cosine decay to `final_lr_fraction`·lr at `num_steps` (`schedule='cosine'`, optional)."""
     warmup = max(int(train_config.warmup_steps), 1)
-    kind = train_config.get("schedule", "constant")
+    kind = train_config.schedule
     if kind == "constant":
         return optax.linear_schedule(0.0, train_config.lr, warmup)  # holds lr after warm-up
     if kind == "cosine":
         total = max(int(train_config.num_steps), warmup + 1)
-        end = train_config.lr * train_config.get("final_lr_fraction", 0.0)
+        end = train_config.lr * train_config.final_lr_fraction
         return optax.warmup_cosine_decay_schedule(0.0, train_config.lr, warmup, total, end)
     raise ValueError(f"train.schedule must be 'constant' or 'cosine', got {kind!r}")
 
@@ -100,10 +102,6 @@ def loss_fn(params, batch, rng, config, teacher_params=None, ema_params=None, tr
     return metrics["loss"], metrics
 
 
-def grad_accum_steps(config) -> int:
-    return int(config.train.get("grad_accum_steps", 1))
-
-
 def _micro_batches(x: jax.Array, n: int) -> jax.Array:
     """(B, ...) → (n, B/n, ...), micro-batch i = rows i, i+n, i+2n, ...: strided, so each
     device's rows stay on that device when the batch dim is sharded (no resharding)."""
@@ -131,7 +129,7 @@ def gradients(params, batch, rng, config, teacher_params=None, ema_params=None):
             return terms["loss"][0], terms
         return jax.grad(loss_sum, has_aux=True)(params)
 
-    n = grad_accum_steps(config)
+    n = int(config.train.grad_accum_steps)
     if n == 1:
         grads, terms = grad_fn(batch, plan, k_dropout)
     else:
@@ -180,169 +178,83 @@ def eval_step(params, batch: dict, rng: jax.Array, config, teacher_params=None) 
 
 def jit_train_step(config):
     """train_step compiled for `config` on the default device, donating the old state's
-    buffers (the loop uses `sharding.shard_train_step`, the same step with explicit shardings)."""
+    buffers (the loop uses `sharded_train_step`, the same step with explicit shardings)."""
     return jax.jit(functools.partial(train_step, config=config), donate_argnums=0)
+
+
+def train_state_shapes(config):
+    """ShapeDtypeStructs of `create_train_state(config, ...)`, nothing allocated."""
+    return jax.eval_shape(lambda: create_train_state(config, jax.random.key(0)))
+
+
+def init_train_state(config, mesh, rng: jax.Array, params=None) -> TrainState:
+    """`create_train_state(config, rng, params)` created directly in its shardings on `mesh`
+    (no full copy of the parameters on one device first, unless `params` are given, e.g. a
+    student initialised from its teacher)."""
+    shardings = sharding.state_shardings(train_state_shapes(config), mesh)
+    if params is None:
+        return jax.jit(lambda key: create_train_state(config, key), out_shardings=shardings)(rng)
+    return jax.jit(lambda key, p: create_train_state(config, key, params=p),
+                   out_shardings=shardings)(rng, params)
+
+
+def sharded_train_step(config, mesh, teacher_params=None):
+    """`train_step` jitted with explicit shardings on `mesh`, donating the state.
+
+    Returns step(state, batch, rng) → (state, metrics), or with `teacher_params` (arrays or
+    shapes; only their structure is used) step(state, batch, rng, teacher_params). Inputs
+    are placed as `sharding.state_shardings` and `sharding.batch_sharding` say; the batch
+    size must be divisible by mesh.size.
+    """
+    state_sh = sharding.state_shardings(train_state_shapes(config), mesh)
+    rep = sharding.replicated(mesh)
+    in_sh = [state_sh, sharding.batch_sharding(mesh), rep]
+    if teacher_params is None:
+        def step(state, batch, rng):
+            return train_step(state, batch, rng, config)
+    else:
+        in_sh.append(sharding.param_shardings(teacher_params, mesh))
+
+        def step(state, batch, rng, teacher):
+            return train_step(state, batch, rng, config, teacher_params=teacher)
+
+    return jax.jit(step, in_shardings=tuple(in_sh), out_shardings=(state_sh, rep), donate_argnums=0)
 
 
 # ----------------------------------------------------------------------------- the loop
 
-# Dense bf16 peak FLOP/s per device, by `device_kind` prefix (vendor datasheets); used for
-# model FLOPs utilisation. Override with `train.peak_tflops` for other devices.
-PEAK_TFLOPS = (
-    ("NVIDIA H200", 989.0), ("NVIDIA H100", 989.0), ("NVIDIA A100", 312.0),
-    ("TPU v6", 918.0), ("TPU v5p", 459.0), ("TPU v5 lite", 197.0), ("TPU v5e", 197.0),
-    ("TPU v4", 275.0),
-)
 
-
-def peak_flops_per_device(config) -> float | None:
-    """The device's dense bf16 peak FLOP/s (None when unknown, e.g. on CPU)."""
-    override = config.train.get("peak_tflops")
-    if override:
-        return float(override) * 1e12
-    kind = jax.devices()[0].device_kind
-    return next((tflops * 1e12 for prefix, tflops in PEAK_TFLOPS if kind.startswith(prefix)), None)
-
-
-def forward_flops_per_token(model_config, seq_len: int, dense_input: bool = True) -> dict[str, float]:
-    """Matmul FLOPs of one token's forward pass, by part (2 per multiply-add): the K×d input
-    product of the dense path (a matmul on noisy one-hot vectors; a gather when projected),
-    the blocks' linear layers, attention scores and values, and the d×K output layer.
-    (benchmarks/flops.py counts the same per batch, with bytes, for the GPU estimates.)"""
-    d, k, n = model_config.hidden_size, model_config.vocab_size, model_config.n_blocks
-    mlp = model_config.get("mlp_ratio", 4)
-    return {"input": 2.0 * k * d if dense_input else 0.0,
-            "blocks_linear": 2.0 * n * (4 + 2 * mlp) * d * d,  # qkv 3d², out d², MLP 2·mlp·d²
-            "attention": 2.0 * n * 2 * seq_len * d,  # QKᵀ and AV
-            "output": 2.0 * d * k}
-
-
-def flm_flops_per_token(config) -> float:
-    """Model FLOPs of one FLM training token: forward + backward, the backward twice the
-    forward except for the input product, whose only gradient is dE (the usual MFU count,
-    6·N + 12·n·d·L in spirit; recomputation not counted)."""
-    parts = forward_flops_per_token(config.model, config.data.seq_len,
-                                    dense_input=not config.flm.get("projected_noise", False))
-    return 3.0 * sum(parts.values()) - parts["input"]
-
-
-def _process_batch_size(config) -> int:
-    """This process's share of the global batch, after checking that it splits evenly."""
-    global_batch, processes = int(config.data.batch_size), jax.process_count()
-    if global_batch % processes:
-        raise ValueError(f"data.batch_size {global_batch} (the global batch) must be divisible by the "
-                         f"{processes} processes")
-    return global_batch // processes
-
-
-def make_data_iterator(config, split: str = "train"):
-    """This process's batches of `split`: `data.source` 'synthetic' or 'prepared'.
-
-    Each process reads its own shard (`jax.process_index()` of `jax.process_count()`) with
-    `data.batch_size / process_count` rows; the iterator's position is checkpointable.
-    """
-    import grain
-
-    from fmlm_jax.data import pipeline, synthetic
-
-    source = config.data.get("source", "synthetic")
-    batch = _process_batch_size(config)
-    index, count = jax.process_index(), jax.process_count()
-    if source == "synthetic":  # an endless stream; each process and split its own seed
-        seed = config.seed + 1000 * index + (0 if split == "train" else 1)
-        ds = synthetic.dataset(batch, config.data.seq_len, seed)
-        return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))
-    if source == "prepared":
-        if not config.data.get("dir"):
-            raise ValueError("data.source='prepared' needs data.dir (a directory written by "
-                             "python -m fmlm_jax.data.prepare)")
-        train = split == "train"
-        return pipeline.make_iterator(config.data.dir, split, config.data.seq_len, batch, config.seed,
-                                      shard_index=index, shard_count=count, shuffle=train,
-                                      vocab_size=config.model.vocab_size)
-    raise ValueError(f"data.source must be 'synthetic' or 'prepared', got {source!r}")
-
-
-def make_decoder(config):
-    """token ids (B, L) → texts, with the data's tokenizer, special tokens kept (SPEC §8)."""
-    from fmlm_jax.data import synthetic
-
-    if config.data.get("source", "synthetic") == "synthetic":
-        tokenizer = synthetic.WordTokenizer()
-        return lambda ids: [tokenizer.decode(row) for row in np.asarray(ids)]
-    from fmlm_jax.data import pipeline, tokenizers
-
-    meta = pipeline.load_meta(config.data.dir, "train", config.data.seq_len)
-    name = config.data.get("tokenizer") or meta["tokenizer"]
-    tokenizer = tokenizers.load_model_tokenizer(name, config.model.vocab_size)
-    return lambda ids: tokenizers.decode(tokenizer, ids)
-
-
-def sample_tokens(params, config, rng: jax.Array, num: int) -> jax.Array:
-    """`num` sequences for a look during training: FLM with `train.sample_steps` Euler steps,
-    FMLM with one step at γ = 0 (the reference's validation setting, SPEC §6). With
-    `flm.projected_noise` the samplers start from (num, L, d) noise, not (num, L, K)."""
-    from fmlm_jax import sampling
-
-    projected = bool(config.flm.get("projected_noise", False))
-    width = config.model.hidden_size if projected else config.model.vocab_size
-    z0 = jax.random.normal(rng, (num, config.data.seq_len, width), jnp.float32)
-    if config.get("mode", "train") == "distill":
-        return sampling.fmlm_sample(params, config.model, z0, 1, gamma=0.0, projected=projected)
-    return sampling.flm_sample(params, config.model, z0, int(config.train.get("sample_steps", 32)),
-                               projected=projected)
-
-
-def _teacher(config):
-    """(the frozen FLM teacher's EMA weights, {'path', 'model_fingerprint'}) or (None, {})."""
-    if config.get("mode", "train") != "distill" or not config.distill.use_teacher:
+def load_teacher(config) -> tuple[Any, dict]:
+    """(the frozen FLM teacher's EMA weights, {'path', 'model_fingerprint'}) when the run
+    distils from one (mode 'fmlm', distill.use_teacher), else (None, {})."""
+    if config.mode != "fmlm" or not config.distill.use_teacher:
         return None, {}
-    from fmlm_jax import checkpoints
-    from fmlm_jax.objectives import distill as distill_lib
-
-    path = config.distill.get("teacher_path")
+    path = config.distill.teacher_path
     if not path:
-        raise ValueError("mode='distill' with distill.use_teacher=True needs distill.teacher_path "
-                         "(a training workdir or a converted checkpoint directory)")
-    params, teacher_cfg = checkpoints.load_weights(path, weights="ema")
-    checkpoints.check_compatible(
-        {"model_config": dict(teacher_cfg), "model_fingerprint":
-         checkpoints.model_fingerprint(teacher_cfg)},
-        distill_lib.teacher_config(config.model), where=f"the teacher at {path}")
-    reference = {"path": os.path.abspath(path),
-                 "model_fingerprint": checkpoints.model_fingerprint(teacher_cfg)}
-    return params, reference
+        raise ValueError("mode='fmlm' with distill.use_teacher=True needs distill.teacher_path (an FLM "
+                         "training workdir, an export or a reference .ckpt)")
+    params, teacher_cfg, _ = checkpoints.load(path, weights="ema")
+    checkpoints.check_compatible({"model_config": model_lib.config_json(teacher_cfg)},
+                                 objectives.distill.teacher_config(config.model),
+                                 where=f"the teacher at {path}")
+    return params, {"path": os.path.abspath(path),
+                    "model_fingerprint": checkpoints.model_fingerprint(teacher_cfg)}
 
 
-def _check_batch(config, mesh) -> None:
-    rows, n = int(config.data.batch_size), grad_accum_steps(config)
-    if n < 1 or rows % n:
-        raise ValueError(f"train.grad_accum_steps {n} must be >= 1 and divide data.batch_size {rows}")
-    if objectives.for_config(config) is objectives.distill and n > 1:
-        objectives.distill.check_accumulation(rows, n, config)
-    if (rows // n) % mesh.size:
-        raise ValueError(f"each micro-batch of {rows // n} rows (data.batch_size / grad_accum_steps) must "
-                         f"split evenly over the mesh's {mesh.size} devices ({dict(mesh.shape)}); change "
+def _check_mesh(config, mesh) -> None:
+    rows = int(config.data.batch_size) // int(config.train.grad_accum_steps)
+    if rows % mesh.size:
+        raise ValueError(f"each micro-batch of {rows} rows (data.batch_size / grad_accum_steps) must split "
+                         f"evenly over the mesh's {mesh.size} devices ({dict(mesh.shape)}); change "
                          "data.batch_size, train.grad_accum_steps or config.mesh")
-
-
-def _check_sections(config) -> None:
-    mode = config.get("mode", "train")
-    if mode not in ("train", "distill"):
-        raise ValueError(f"config.mode must be 'train' or 'distill', got {mode!r}")
-    needed = ["data", "model", "train", "flm"] + (["distill"] if mode == "distill" else [])
-    missing = [k for k in needed if k not in config]
-    if missing:
-        raise ValueError(f"the config lacks the section(s) {missing} that mode={mode!r} needs; see "
-                         "configs/synthetic_demo.py (FLM) and configs/synthetic_distill.py (FMLM)")
 
 
 def _check_same_run(meta: dict, config, workdir: str) -> None:
     """The workdir's run must be this run: same mode (architecture is checked by fingerprint)."""
-    saved = (meta.get("config") or {}).get("mode", "train")
-    if saved != config.get("mode", "train"):
-        raise ValueError(f"{workdir} holds a mode={saved!r} run, but this config has "
-                         f"mode={config.get('mode', 'train')!r}; use a fresh --workdir")
+    saved = checkpoints.run_mode(meta)
+    if saved != config.mode:
+        raise ValueError(f"{workdir} holds a mode={saved!r} run, but this config has mode={config.mode!r}; "
+                         "use a fresh --workdir")
 
 
 def _to_global(batch: dict, batch_sharding) -> dict:
@@ -381,60 +293,36 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def train_and_evaluate(config, workdir: str, log=print) -> list[dict]:
-    """Trains (FLM) or distils (FMLM) for `train.num_steps` on the mesh `config.mesh`,
-    resuming from `workdir`.
+@dataclasses.dataclass
+class _Run:
+    """What the loop works with, set up by `_setup`."""
 
-    Every `log_every` steps: train metrics, steps/s, tokens/s and MFU (FLM, when the device
-    peak is known) to TensorBoard (clu) + console + WORKDIR/metrics.jsonl; every `eval_every`
-    steps: the objective on `eval_batches` held-out batches with the EMA weights; every
-    `sample_every` steps: `sample_num` sequences decoded to text (WORKDIR/samples.jsonl);
-    every `save_every` steps, at the end and on SIGTERM: an Orbax checkpoint. `workdir` may
-    be a gs:// URL (checkpoints and TensorBoard events go there; the .jsonl files are only
-    written to local workdirs). Returns the metric rows logged by this call.
-    """
-    from fmlm_jax import checkpoints
-
-    _check_sections(config)
-    if _is_local(workdir):  # a gs://... workdir: Orbax and TensorBoard write there directly
-        os.makedirs(workdir, exist_ok=True)
-    manager = checkpoints.open_manager(workdir, max_to_keep=config.train.get("keep_last", 3),
-                                       keep_period=config.train.get("keep_every") or None)
-    try:  # whatever fails, pending checkpoint writes finish and the manager's threads stop
-        return _train(config, workdir, manager, log)
-    finally:
-        manager.wait_until_finished()
-        manager.close()
+    state: TrainState
+    start: int  # the last step already done (0: a fresh run)
+    data: Any  # this process's checkpointable batch iterator
+    step_fn: Any
+    step_rng: jax.Array  # the run key each step folds its number into
+    eval_rng: jax.Array
+    sample_rng: jax.Array
+    teacher: tuple  # () or (teacher_params,): the step's extra argument
+    batch_sharding: Any
+    meta: dict  # extra checkpoint metadata: the run key, the teacher reference
 
 
-def _is_local(workdir: str) -> bool:
-    return "://" not in workdir
-
-
-def _train(config, workdir: str, manager, log) -> list[dict]:
-    """The body of `train_and_evaluate`, given the workdir's checkpoint manager."""
-    from clu import metric_writers, periodic_actions
-
-    from fmlm_jax import checkpoints, sharding
-    from fmlm_jax.objectives import distill as distill_lib
-
+def _setup(config, workdir: str, manager, mesh, log) -> _Run:
+    """Keys, teacher, the sharded state (fresh, or restored with the data position), the step."""
     if manager.latest_step() is not None:  # before anything expensive: is it this run's workdir?
         _check_same_run(checkpoints.read_metadata(manager), config, workdir)
-    mesh_config = config.get("mesh") or {}
-    mesh = sharding.make_mesh(mesh_config.get("data", -1), mesh_config.get("fsdp", 1))
-    _check_batch(config, mesh)
     run_rng = jax.random.key(config.seed)
     init_rng, step_rng = jax.random.split(run_rng)
     eval_rng, sample_rng = jax.random.split(jax.random.fold_in(run_rng, 1))
-
-    teacher, teacher_reference = _teacher(config)  # referenced by path + hash, never saved
+    teacher, teacher_reference = load_teacher(config)  # referenced by path + hash, never saved
+    params = None
     if teacher is not None:
         teacher = sharding.place(teacher, sharding.param_shardings(teacher, mesh))
-        params = distill_lib.init_student(teacher, config.model, init_rng)
-        state = sharding.init_train_state(config, mesh, init_rng, params=params)
-    else:
-        state = sharding.init_train_state(config, mesh, init_rng)
-    data = make_data_iterator(config, "train")
+        params = objectives.distill.init_student(teacher, config.model, init_rng)
+    state = init_train_state(config, mesh, init_rng, params=params)
+    data = loader.make_iterator(config, "train")
     start = 0
     if manager.latest_step() is not None:
         state, start = checkpoints.restore_latest(manager, state, data_iterator=data, config=config)
@@ -442,48 +330,65 @@ def _train(config, workdir: str, manager, log) -> list[dict]:
         if saved_rng is not None:
             step_rng = jax.random.wrap_key_data(np.asarray(saved_rng, np.uint32))
         log(f"resumed from {workdir} at step {start}")
-
-    batch_sh = sharding.batch_sharding(mesh)
-    step_fn = sharding.shard_train_step(config, mesh, teacher_params=teacher)
-    eval_fn = jax.jit(lambda params, batch, rng, *teacher: eval_step(params, batch, rng, config, *teacher))
-    decode = make_decoder(config) if config.train.get("sample_every", 0) else None
-    extra_args = () if teacher is None else (teacher,)
-
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-    num_steps = int(config.train.num_steps)
-    log_every, save_every = int(config.train.log_every), int(config.train.get("save_every", 1000))
-    eval_every, sample_every = (int(config.train.get(k, 0)) for k in ("eval_every", "sample_every"))
-    progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
-                                               every_steps=log_every, every_secs=None)
-    tokens_per_step = config.data.batch_size * config.data.seq_len
-    peak = peak_flops_per_device(config)
-    flops_per_step = (flm_flops_per_token(config) * tokens_per_step
-                      if config.get("mode", "train") == "train" else None)
     meta = {"rng": np.asarray(jax.random.key_data(step_rng)).tolist()}
     if teacher_reference:
         meta["teacher"] = teacher_reference
-    is_main = jax.process_index() == 0
+    return _Run(state=state, start=start, data=data, step_fn=sharded_train_step(config, mesh, teacher),
+                step_rng=step_rng, eval_rng=eval_rng, sample_rng=sample_rng,
+                teacher=() if teacher is None else (teacher,), batch_sharding=sharding.batch_sharding(mesh),
+                meta=meta)
+
+
+def train_and_evaluate(config, workdir: str, log=print) -> list[dict]:
+    """Trains (FLM, mode 'flm') or distils (FMLM, mode 'fmlm') for `train.num_steps` on the
+    mesh `config.mesh`, resuming from `workdir`.
+
+    Every `log_every` steps: train metrics, steps/s, tokens/s and MFU (FLM, when the device
+    peak is known) to TensorBoard (clu) + console + WORKDIR/metrics.jsonl; every `eval_every`
+    steps: the objective on `eval_batches` held-out batches with the EMA weights; every
+    `sample_every` steps: `sample_num` sequences decoded to text (WORKDIR/samples.jsonl);
+    every `save_every` steps, at the end and on SIGTERM: an Orbax checkpoint. `workdir` may
+    be a gs:// URL (checkpoints and TensorBoard events go there; the .jsonl files are only
+    written to local workdirs). Nothing is created when the config is refused. Returns the
+    metric rows logged by this call.
+    """
+    fmlm_config.validate(config)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    _check_mesh(config, mesh)
+    if metrics.is_local(workdir):  # a gs://... workdir: Orbax and TensorBoard write there directly
+        os.makedirs(workdir, exist_ok=True)
+    manager = checkpoints.open_manager(workdir, max_to_keep=config.train.keep_last or None,
+                                       keep_period=config.train.keep_every or None)
+    try:  # whatever fails, pending checkpoint writes finish and the manager's threads stop
+        return _loop(config, workdir, manager, _setup(config, workdir, manager, mesh, log), log)
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+
+
+def _loop(config, workdir: str, manager, run: _Run, log) -> list[dict]:
+    t = config.train
+    num_steps = int(t.num_steps)
+    writer = metrics.MetricWriter(workdir)
+    progress = writer.report_progress(num_steps, int(t.log_every))
+    eval_fn = jax.jit(lambda params, batch, rng, *teacher: eval_step(params, batch, rng, config, *teacher))
+    decode = _decoder(config) if t.sample_every else None
+    tokens_per_step = config.data.batch_size * config.data.seq_len
     preemption = _Preemption()
-
-    def append(name, row):  # JSON lines beside the checkpoints (local workdirs: no appends on GCS)
-        if is_main and _is_local(workdir):
-            with open(os.path.join(workdir, name), "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    rows, last_time, last_step = [], time.time(), start
+    rows, last_time, last_step = [], time.time(), run.start
     try:
-        for step in range(start + 1, num_steps + 1):
+        for step in range(run.start + 1, num_steps + 1):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                batch = _to_global(next(data), batch_sh)
-                state, metrics = step_fn(state, batch, step_rng, *extra_args)
+                batch = _to_global(next(run.data), run.batch_sharding)
+                run.state, step_metrics = run.step_fn(run.state, batch, run.step_rng, *run.teacher)
             progress(step)
             last = step == num_steps
             preempted = not last and preemption.reached(manager, step)
-            logging = step % log_every == 0 or last
-            saving = step % save_every == 0 or last or preempted
+            logging = step % t.log_every == 0 or last
+            saving = step % t.save_every == 0 or last or preempted
             if not (logging or saving):
                 continue
-            values = _host(metrics)  # the only host syncs: log and save steps
+            values = _host(step_metrics)  # the only host syncs: log and save steps
             if not all(math.isfinite(v) for v in values.values()):
                 manager.wait_until_finished()
                 raise FloatingPointError(
@@ -494,55 +399,83 @@ def _train(config, workdir: str, manager, log) -> list[dict]:
                 now = time.time()
                 rate = (step - last_step) / max(now - last_time, 1e-9)
                 row = {"step": step, **{f"train/{k}": v for k, v in values.items()},
-                       "perf/steps_per_s": rate, "perf/tokens_per_s": rate * tokens_per_step}
-                if flops_per_step is not None and peak is not None:
-                    row["perf/mfu"] = flops_per_step * rate / (peak * jax.device_count())
-                if eval_every and (step % eval_every == 0 or last):
+                       **_performance(config, rate)}
+                if t.eval_every and (step % t.eval_every == 0 or last):
                     with progress.timed("eval"):
-                        row.update(evaluate(eval_fn, state.ema_params, config, eval_rng, batch_sh,
-                                            extra_args))
+                        row.update(validation_metrics(eval_fn, run.state.ema_params, config, run.eval_rng,
+                                                      run.batch_sharding, run.teacher))
                 rows.append(row)
-                append("metrics.jsonl", row)
-                writer.write_scalars(step, {k: v for k, v in row.items() if k != "step"})
-                eta = (num_steps - step) / max(rate, 1e-9)
-                log(f"step {step}/{num_steps}: loss {values['loss']:.4f}"
-                    + (f", val {row['val/loss']:.4f}" if "val/loss" in row else "")
-                    + f" ({rate:.2f} steps/s, {rate * tokens_per_step:.0f} tokens/s"
-                    + (f", MFU {100 * row['perf/mfu']:.1f}%" if "perf/mfu" in row else "")
-                    + f", ETA {eta:.0f} s)")
+                writer.scalars(step, {k: v for k, v in row.items() if k != "step"})
+                log(_progress_line(row, step, num_steps, rate, tokens_per_step))
                 last_time, last_step = now, step
-            if sample_every and (step % sample_every == 0 or last):
+            if t.sample_every and (step % t.sample_every == 0 or last):
                 with progress.timed("sample"):
-                    ids = sample_tokens(state.ema_params, config, jax.random.fold_in(sample_rng, step),
-                                        int(config.train.get("sample_num", 4)))
-                    texts = decode(np.asarray(multihost_utils.process_allgather(ids, tiled=True)))
-                append("samples.jsonl", {"step": step, "texts": texts})
-                writer.write_texts(step, {"samples": "\n\n".join(texts)})
+                    texts = decode(_sample_tokens(run.state.ema_params, config,
+                                                  jax.random.fold_in(run.sample_rng, step)))
+                writer.texts(step, texts)
                 log(f"step {step} sample: {texts[0][:200]!r}")
             if saving:
                 with progress.timed("checkpoint"):
-                    checkpoints.save(manager, step, state, data_iterator=data, config=config,
-                                     metadata=meta)
+                    checkpoints.save(manager, step, run.state, data_iterator=run.data, config=config,
+                                     metadata=run.meta)
             if preempted:
                 manager.wait_until_finished()
                 log(f"preempted: saved step {step} in {workdir}; run the same command to resume")
                 break
     finally:
         preemption.close()
-        writer.flush()
+        writer.close()
     return rows
 
 
-def evaluate(eval_fn, params, config, rng, batch_sharding, extra_args=()) -> dict:
+def _performance(config, steps_per_s: float) -> dict:
+    """perf/steps_per_s, perf/tokens_per_s and, for FLM on a device of known peak, perf/mfu."""
+    tokens_per_s = steps_per_s * config.data.batch_size * config.data.seq_len
+    row = {"perf/steps_per_s": steps_per_s, "perf/tokens_per_s": tokens_per_s}
+    if config.mode == "flm":
+        flops = metrics.flm_train_flops_per_token(config.model, config.data.seq_len,
+                                                  config.flm.projected_noise)
+        peak = metrics.device_peak(jax.devices()[0].device_kind, config.train.peak_tflops)
+        utilisation = metrics.mfu(flops * tokens_per_s, peak, jax.device_count())
+        if utilisation is not None:
+            row["perf/mfu"] = utilisation
+    return row
+
+
+def _progress_line(row: dict, step: int, num_steps: int, rate: float, tokens_per_step: int) -> str:
+    eta = (num_steps - step) / max(rate, 1e-9)
+    return (f"step {step}/{num_steps}: loss {row['train/loss']:.4f}"
+            + (f", val {row['val/loss']:.4f}" if "val/loss" in row else "")
+            + f" ({rate:.2f} steps/s, {rate * tokens_per_step:.0f} tokens/s"
+            + (f", MFU {100 * row['perf/mfu']:.1f}%" if "perf/mfu" in row else "")
+            + f", ETA {eta:.0f} s)")
+
+
+def _decoder(config):
+    """token ids (B, L) → texts, with the run's tokenizer (special tokens kept, SPEC §8)."""
+    tokenizer = loader.run_tokenizer(config)
+    return lambda ids: tokenizers.decode(tokenizer, ids)
+
+
+def _sample_tokens(params, config, rng: jax.Array) -> np.ndarray:
+    """`train.sample_num` sequences for a look during training, gathered from every process:
+    FLM with `train.sample_steps` Euler steps, FMLM with one step at γ = 0 (the reference's
+    validation setting, SPEC §6); projected noise with `flm.projected_noise`."""
+    projected = config.flm.projected_noise
+    z0 = sampling.initial_noise(rng, config.train.sample_num, config.data.seq_len, config.model, projected)
+    steps = 1 if config.mode == "fmlm" else config.train.sample_steps
+    ids = sampling.generate(params, config.model, z0, steps, projected=projected)
+    return np.asarray(multihost_utils.process_allgather(ids, tiled=True))
+
+
+def validation_metrics(eval_fn, params, config, rng, batch_sharding, teacher=()) -> dict:
     """Mean of the objective's metrics over `train.eval_batches` batches of `data.valid_split`
     (the same batches, times and noise at every evaluation: a fresh iterator, a fixed rng)."""
-    split = config.data.get("valid_split", "validation")
-    data = make_data_iterator(config, split)
+    data = loader.make_iterator(config, config.data.valid_split)
     totals: dict[str, float] = {}
-    num = int(config.train.get("eval_batches", 4))
+    num = int(config.train.eval_batches)
     for i in range(num):
-        metrics = eval_fn(params, _to_global(next(data), batch_sharding), jax.random.fold_in(rng, i),
-                          *extra_args)
-        for k, v in _host(metrics).items():
+        batch = _to_global(next(data), batch_sharding)
+        for k, v in _host(eval_fn(params, batch, jax.random.fold_in(rng, i), *teacher)).items():
             totals[k] = totals.get(k, 0.0) + v / num
     return {f"val/{k}": v for k, v in totals.items()}

@@ -11,14 +11,13 @@ leading 'config.' (`{"train.lr": 1e-4}`); each becomes one job whose flags are
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import re
 import shlex
-import sys
 from collections.abc import Mapping, Sequence
-from types import ModuleType
 from typing import Any
+
+from fmlm_jax import config as fmlm_config
 
 MAIN_MODULE = "fmlm_jax.main"
 
@@ -36,20 +35,6 @@ class Job:
 
     def command(self, python: str = "python") -> list[str]:
         return [python, "-m", MAIN_MODULE, *self.args()]
-
-
-def load_config_module(path: str) -> ModuleType:
-    """Imports a config file by path (it may import its siblings, as configs/*.py do)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no config file {path!r}; pass e.g. --config=configs/lm1b_flm.py")
-    name = "_fmlm_config_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise AttributeError(f"config file {path!r} has no get_config()")
-    return module
 
 
 def format_value(value: Any) -> str:
@@ -89,15 +74,15 @@ def point_name(overrides: Mapping[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9_.=,+-]", "", ",".join(parts))
 
 
-def sweep_points(module: ModuleType, sweep: bool) -> list[dict]:
-    """The config's sweep() points, or one empty point without --sweep."""
+def sweep_points(config_path: str, sweep: bool) -> list[dict]:
+    """The config file's sweep() points, or one empty point without --sweep."""
     if not sweep:
         return [{}]
-    if not hasattr(module, "sweep"):
-        raise AttributeError(f"{module.__file__} has no sweep(); drop --sweep or add one")
-    points = list(module.sweep())
+    points = fmlm_config.sweep(config_path)
+    if points == [{}]:
+        raise AttributeError(f"{config_path} has no sweep(); drop --sweep or add one")
     if not points or not all(isinstance(p, dict) for p in points):
-        raise ValueError(f"{module.__file__}: sweep() must return a non-empty list of override dicts")
+        raise ValueError(f"{config_path}: sweep() must return a non-empty list of override dicts")
     return points
 
 
@@ -109,13 +94,12 @@ def build_jobs(config_path: str, workdir_root: str, sweep: bool = False,
     the config file's name unless given. overrides: 'KEY=VALUE' strings applied to every job
     after the sweep point.
     """
-    module = load_config_module(config_path)
-    config = module.get_config()
+    config = fmlm_config.load(config_path)
     extra = dict(parse_override(o) for o in overrides)
     check_overrides(config, extra, config_path)
     base = prefix or os.path.splitext(os.path.basename(config_path))[0]
     jobs = []
-    for point in sweep_points(module, sweep):
+    for point in sweep_points(config_path, sweep):
         check_overrides(config, point, f"{config_path} sweep()")
         name = f"{base}/{point_name(point)}" if point else base
         jobs.append(Job(name, config_path, join(workdir_root, name), {**point, **extra}))

@@ -1,14 +1,53 @@
+"""Shared test helpers: tiny configs, random parameters, the compilation cache, a shared tiny run.
+
+The suite is compile-bound, so every test process (the xdist workers and the subprocesses
+they start, through the environment) shares one persistent XLA compilation cache
+(`FMLM_JAX_TEST_CACHE`, default .jax_cache/ in the repository, git-ignored): a program that
+another test or an earlier run compiled is loaded instead of compiled again. Unless XLA_FLAGS
+is set, programs are compiled with XLA:CPU's cheap settings (no expensive LLVM passes): the
+suite's programs are small and run briefly, so compile time is what counts (-25% here).
+"""
+
+import contextlib
+import json
 import os
 
+import filelock
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
-from fmlm_jax.model import model_config
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(ROOT, "tests")
+CONFIGS = os.path.join(ROOT, "configs")
+FIXTURES = os.path.join(TESTS, "fixtures")
 
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+CACHE = os.environ.setdefault("FMLM_JAX_TEST_CACHE", os.path.join(ROOT, ".jax_cache"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", CACHE)  # subprocesses inherit these
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("XLA_FLAGS",
+                      "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+jax.config.update("jax_compilation_cache_dir", CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+from fmlm_jax import config as fmlm_config  # noqa: E402
+from fmlm_jax.data.synthetic import WordTokenizer  # noqa: E402
+from fmlm_jax.model import init_params, model_config  # noqa: E402
+
+# CI sets FMLM_JAX_REQUIRE_ASSETS=1: a test that would skip for a missing offline asset
+# package (a missed install step) fails instead.
+REQUIRE_ASSETS = os.environ.get("FMLM_JAX_REQUIRE_ASSETS") == "1"
+
+
+def skip_or_fail(reason: str):
+    if REQUIRE_ASSETS:
+        pytest.fail(f"{reason} (FMLM_JAX_REQUIRE_ASSETS=1: assets must be installed)")
+    pytest.skip(reason)
 
 
 def tiny_model_config(**overrides) -> ml_collections.ConfigDict:
@@ -17,6 +56,32 @@ def tiny_model_config(**overrides) -> ml_collections.ConfigDict:
     base.update(overrides)
     vocab = base.pop("vocab_size")
     return model_config("tiny", vocab, **base)
+
+
+def synthetic_model(**overrides) -> ml_collections.ConfigDict:
+    """`tiny_model_config` with the vocabulary of the built-in synthetic phrases (K = 46)."""
+    return tiny_model_config(**{"vocab_size": len(WordTokenizer()), **overrides})
+
+
+def run_config(mode: str = "flm", model=None, **groups) -> ml_collections.ConfigDict:
+    """A complete run config (`fmlm_jax.config.defaults(mode)`) on the synthetic phrases with a
+    tiny model (`synthetic_model`) and the given group updates, e.g.
+    run_config("fmlm", train=dict(lr=1e-3), distill=dict(method="lsd"))."""
+    config = fmlm_config.defaults(mode)
+    config.model = model if model is not None else synthetic_model(two_time=mode == "fmlm")
+    config.data.update(source="synthetic", seq_len=8, batch_size=8)
+    config.train.update(num_steps=4, warmup_steps=2, log_every=2, save_every=2)
+    for group, values in groups.items():
+        if isinstance(values, dict):
+            config[group].update(values)
+        else:
+            config[group] = values
+    return fmlm_config.validate(config)
+
+
+def load_config(name: str, variant: str = "") -> ml_collections.ConfigDict:
+    """configs/NAME.py[:VARIANT], validated."""
+    return fmlm_config.load(os.path.join(CONFIGS, f"{name}.py") + (f":{variant}" if variant else ""))
 
 
 def randomize(params, rng):
@@ -39,8 +104,6 @@ def randomize(params, rng):
 
 @pytest.fixture
 def random_tiny_params():
-    from fmlm_jax.model import init_params
-
     def make(config, seed=0):
         return randomize(init_params(config, jax.random.key(seed)), jax.random.key(seed + 1))
 
@@ -49,3 +112,49 @@ def random_tiny_params():
 
 def to_np(x):
     return np.asarray(jnp.asarray(x))
+
+
+def quiet(*_):
+    pass
+
+
+@contextlib.contextmanager
+def _shared(tmp_path_factory, name: str):
+    """A directory made once per test session across xdist workers (file lock + done marker)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the workers of this session
+    path = root / name
+    with filelock.FileLock(str(path) + ".lock"):
+        yield path, (path / ".done").exists()
+        (path / ".done").touch()
+
+
+def tiny_run_configs(root) -> tuple:
+    """The shared tiny run: an FLM (8 steps, synthetic data, dropout 0) and an FMLM (PSD,
+    4 steps) distilled from it; workdirs ROOT/flm and ROOT/fmlm."""
+    flm = run_config("flm", model=synthetic_model(n_blocks=1),
+                     train=dict(num_steps=8, save_every=4, log_every=4, keep_last=5, eval_every=4,
+                                eval_batches=1, sample_every=8, sample_num=3, sample_steps=2))
+    fmlm = run_config("fmlm", model=synthetic_model(n_blocks=1, two_time=True),
+                      train=dict(num_steps=4, save_every=2, log_every=2, eval_every=2, eval_batches=1,
+                                 sample_every=4, sample_num=2),
+                      distill=dict(teacher_path=str(root / "flm"), boundary_prob=4.0))
+    return flm, fmlm
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """{'flm', 'fmlm': workdir, 'flm_rows', 'fmlm_rows': logged metric rows, 'configs'}: trained
+    once per session and read by the checkpoint, evaluation, conversion and CLI tests."""
+    from fmlm_jax import train
+
+    with _shared(tmp_path_factory, "tiny_run") as (root, done):
+        flm, fmlm = tiny_run_configs(root)
+        if not done:
+            rows = {"flm": train.train_and_evaluate(flm, str(root / "flm"), log=quiet),
+                    "fmlm": train.train_and_evaluate(fmlm, str(root / "fmlm"), log=quiet)}
+            (root / "rows.json").write_text(json.dumps(rows))
+        rows = json.loads((root / "rows.json").read_text())
+    return {"flm": str(root / "flm"), "fmlm": str(root / "fmlm"), "flm_rows": rows["flm"],
+            "fmlm_rows": rows["fmlm"], "configs": (flm, fmlm)}

@@ -4,15 +4,15 @@ weights by path (training workdir or converted directory)."""
 import os
 import time
 
+import conftest
 import grain
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from conftest import tiny_model_config
 
-from fmlm_jax import checkpoints, convert, train
+from fmlm_jax import checkpoints, train
 from fmlm_jax import model as model_lib
 from fmlm_jax.data import pipeline, prepare
 
@@ -20,14 +20,10 @@ SEQ_LEN, BATCH, VOCAB = 8, 4, 23
 
 
 def run_config(**model_overrides):
-    config = ml_collections.ConfigDict()
-    config.seed = 7
-    config.model = tiny_model_config(**{"dropout": 0.1, **model_overrides})  # dropout: rng matters
-    config.flm = dict(tau_min=0.0, tau_max=1.0)
-    config.data = dict(seq_len=SEQ_LEN, batch_size=BATCH)
-    config.train = dict(num_steps=12, lr=3e-3, warmup_steps=3, b1=0.9, b2=0.999, eps=1e-8,
-                        weight_decay=0.01, grad_clip=1.0, ema_decay=0.999, log_every=5)
-    return config
+    return conftest.run_config(
+        "flm", model=tiny_model_config(**{"dropout": 0.1, **model_overrides}),  # dropout: rng matters
+        seed=7, data=dict(seq_len=SEQ_LEN, batch_size=BATCH),
+        train=dict(num_steps=12, lr=3e-3, warmup_steps=3, weight_decay=0.01, ema_decay=0.999, log_every=5))
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +208,7 @@ def test_metadata_records_fingerprint_config_and_seed(tmp_path):
         checkpoints.save(mngr, 2, small_state(), config=config, metadata={"teacher": "/t"})
         mngr.wait_until_finished()
         meta = checkpoints.read_metadata(mngr)
-    assert meta["format"] == checkpoints.FORMAT and meta["step"] == 2 and meta["seed"] == 7
+    assert meta["format"] == checkpoints.RUN_FORMAT and meta["step"] == 2 and meta["seed"] == 7
     assert meta["model_fingerprint"] == checkpoints.model_fingerprint(config.model)
     assert meta["config"]["train"]["lr"] == 3e-3 and meta["config"]["model"]["hidden_size"] == 32
     assert meta["model_config"]["dropout"] == 0.1 and meta["teacher"] == "/t"
@@ -252,18 +248,19 @@ def test_load_weights_from_a_workdir_and_a_converted_directory(tmp_path):
         checkpoints.save(mngr, 2, small_state(), config=run_config(hidden_size=64))
         checkpoints.save(mngr, 4, state, config=config)
     for weights, expected in (("ema", ema), ("raw", raw)):
-        params, cfg = checkpoints.load_weights(workdir, weights)
-        assert cfg.hidden_size == 32 and cfg.dropout == 0.1
+        params, cfg, saved = checkpoints.load(workdir, weights)
+        assert cfg.hidden_size == 32 and cfg.dropout == 0.1 and saved["train"]["lr"] == 3e-3
         assert checkpoints.model_fingerprint(cfg) == checkpoints.model_fingerprint(model)
         assert_trees_equal(params, expected)
-    params, _ = checkpoints.load_weights(workdir / "4", "raw")  # a step directory
+    params, _, _ = checkpoints.load(workdir / "4", "raw")  # a step directory
     assert_trees_equal(params, raw)
 
     converted = tmp_path / "converted"
-    convert.save_orbax(converted, raw, ema, model, step=11)
+    checkpoints.export_params(converted, raw, ema, model, step=11)
     for weights, expected in (("ema", ema), ("raw", raw)):
-        params, cfg = checkpoints.load_weights(converted, weights)
+        params, cfg, saved = checkpoints.load(converted, weights)
+        assert saved is None  # an export carries no run config
         assert checkpoints.model_fingerprint(cfg) == checkpoints.model_fingerprint(model)
         assert_trees_equal(params, expected)
     with pytest.raises(FileNotFoundError):
-        checkpoints.load_weights(tmp_path / "nowhere")
+        checkpoints.load(tmp_path / "nowhere")

@@ -17,7 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmlm_jax import convert
+from fmlm_jax import checkpoints, convert
+from fmlm_jax import model as model_lib
+from fmlm_jax.convert import cli as convert_cli
 from fmlm_jax.model import DiT, model_config, param_shapes
 
 torch = pytest.importorskip("torch")
@@ -42,6 +44,11 @@ TOL = 1e-4
 # A tiny random model, deliberately non-square (K ≠ d ≠ cond), head_dim 8.
 VOCAB, HIDDEN, COND, HEADS, BLOCKS = 37, 32, 16, 4, 2
 COMBOS = [(False, False), (False, True), (True, False), (True, True)]
+
+
+def load_orbax(path, weights="ema"):
+    """(params, model config) of an export (`checkpoints.load`)."""
+    return checkpoints.load(path, weights)[:2]
 
 
 def fixture(name):
@@ -141,7 +148,7 @@ def converted(tmp_path_factory):
     out = {}
     for name in NAMES:
         out[name] = str(root / name)
-        convert.torch_to_orbax(fixture(name), out[name])
+        convert_cli.torch_to_orbax(fixture(name), out[name])
     return out
 
 
@@ -183,7 +190,7 @@ def lightning_dict(model, ema_model, step=5):
 @pytest.mark.parametrize("name", NAMES)
 def test_fixture_round_trip_is_bit_exact(name, converted, tmp_path):
     back = tmp_path / "back.ckpt"
-    convert.orbax_to_torch(converted[name], back)
+    convert_cli.orbax_to_torch(converted[name], back)
     original, written = tload(fixture(name)), tload(back)
     assert_same_ckpt(original, written)  # rotary buffer, order, EMA list, counters
     assert written["pytorch-lightning_version"] and "loops" in written
@@ -198,9 +205,9 @@ def test_fixture_round_trip_is_bit_exact(name, converted, tmp_path):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_raw_only_round_trip(name, tmp_path):
-    convert.torch_to_orbax(fixture(name), tmp_path / "o", weights="raw")
-    assert convert.orbax_metadata(tmp_path / "o")["weights"] == ["raw"]
-    convert.orbax_to_torch(tmp_path / "o", tmp_path / "raw.ckpt", weights="raw")
+    convert_cli.torch_to_orbax(fixture(name), tmp_path / "o", weights="raw")
+    assert checkpoints.read_meta(tmp_path / "o")[0]["weights"] == ["raw"]
+    convert_cli.orbax_to_torch(tmp_path / "o", tmp_path / "raw.ckpt", weights="raw")
     original, written = tload(fixture(name)), tload(tmp_path / "raw.ckpt")
     assert "ema" not in written
     del original["ema"]
@@ -212,11 +219,11 @@ def test_jax_params_to_torch_and_back(tmp_path):
     cfg = model_config("small", VOCAB, hidden_size=HIDDEN, cond_dim=COND, n_heads=HEADS,
                        n_blocks=BLOCKS, two_time=True, learnable_loss_weighting=True)
     raw, ema = random_params(cfg, seed=0), jax.device_put(random_params(cfg, seed=10))
-    convert.save_orbax(tmp_path / "o", raw, ema, cfg, step=123)
-    convert.orbax_to_torch(tmp_path / "o", tmp_path / "jax.ckpt")
+    checkpoints.export_params(tmp_path / "o", raw, ema, cfg, step=123)
+    convert_cli.orbax_to_torch(tmp_path / "o", tmp_path / "jax.ckpt")
     ck = tload(tmp_path / "jax.ckpt")
     assert ck["global_step"] == 123
-    assert ck["ema"]["num_updates"] == 123 and ck["ema"]["decay"] == convert.DEFAULT_EMA_DECAY
+    assert ck["ema"]["num_updates"] == 123 and ck["ema"]["decay"] == checkpoints.DEFAULT_EMA_DECAY
     assert np.array_equal(ck["state_dict"]["backbone.rotary_emb.inv_freq"].numpy(),
                           1.0 / 10000 ** (np.arange(0, 8, 2, dtype=np.float32) / 8))
     z, tau_s, tau_t = random_inputs(1)
@@ -231,7 +238,7 @@ def test_jax_params_to_torch_and_back(tmp_path):
     back_ema = convert.params_from_torch(tmp_path / "jax.ckpt", weights="ema")
     assert leaves_equal(back_raw, jax.tree_util.tree_map(np.asarray, raw))
     assert leaves_equal(back_ema, jax.tree_util.tree_map(np.asarray, ema))
-    assert back_cfg.to_dict() == convert.model_lib.resolve_config(cfg).to_dict()
+    assert back_cfg.to_dict() == model_lib.resolve_config(cfg).to_dict()
 
 
 # ----------------------------------------------------------------------------- parity
@@ -240,8 +247,8 @@ def test_jax_params_to_torch_and_back(tmp_path):
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("weights", ["raw", "ema"])
 def test_flax_logits_of_converted_fixtures(name, weights, converted, ref_outputs):
-    params, cfg = convert.load_orbax(converted[name], weights)
-    assert cfg.to_dict() == convert.model_lib.resolve_config(fixture_config(name)).to_dict()
+    params, cfg = load_orbax(converted[name], weights)
+    assert cfg.to_dict() == model_lib.resolve_config(fixture_config(name)).to_dict()
     z, tau_s = ref_outputs[f"{name}/z"], ref_outputs[f"{name}/tau_s"]
     tau_t = ref_outputs[f"{name}/tau_t"] if TWO_TIME[name] else None
     got = flax_logits(cfg, params, z, tau_s, tau_t)
@@ -256,13 +263,13 @@ def test_flax_logits_of_converted_fixtures(name, weights, converted, ref_outputs
 def test_ema_selection_is_raw_plus_0_02(converted):
     """The fixture EMA is raw + 0.02 (float32): each store and loader picks the right set."""
     for name in NAMES:
-        raw, _ = convert.load_orbax(converted[name], "raw")
-        ema, _ = convert.load_orbax(converted[name], "ema")
+        raw, _ = load_orbax(converted[name], "raw")
+        ema, _ = load_orbax(converted[name], "ema")
         plus = jax.tree_util.tree_map(lambda r: r + np.float32(0.02), raw)
         assert leaves_equal(ema, plus), name
         assert leaves_equal(convert.params_from_torch(fixture(name), weights="ema"), ema)
         assert leaves_equal(convert.params_from_torch(fixture(name), weights="raw"), raw)
-        meta = convert.orbax_metadata(converted[name])
+        meta = checkpoints.read_meta(converted[name])[0]
         assert meta["ema"] == {"decay": 0.9999, "num_updates": 1} and meta["step"] == 1
 
 
@@ -311,7 +318,7 @@ def test_params_to_torch_loads_strictly(two_time, llw):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_written_state_dict_matches_fixture_layout(name, converted):
-    params, cfg = convert.load_orbax(converted[name], "raw")
+    params, cfg = load_orbax(converted[name], "raw")
     sd = convert.params_to_torch(params, cfg, include_buffers=True)
     ck = tload(fixture(name))
     assert list(sd) == [k[len("backbone."):] for k in ck["state_dict"]]
@@ -336,7 +343,7 @@ def test_safetensors_round_trip(weights, converted, tmp_path):
 
     name = "fmlm_llw"
     path = tmp_path / f"{weights}.safetensors"
-    convert.orbax_to_torch(converted[name], path, weights=weights)
+    convert_cli.orbax_to_torch(converted[name], path, weights=weights)
     with safe_open(str(path), framework="np") as f:
         meta = f.metadata()
         keys = list(f.keys())
@@ -353,13 +360,13 @@ def test_safetensors_round_trip(weights, converted, tmp_path):
     assert np.array_equal(torch_logits(model, z, tau_s, tau_t),
                           torch_logits(oracle, z, tau_s, tau_t))
     # And back to Orbax: the same arrays.
-    convert.torch_to_orbax(path, tmp_path / "o", weights=weights)
-    assert convert.orbax_metadata(tmp_path / "o")["weights"] == [weights]
-    assert leaves_equal(convert.load_orbax(tmp_path / "o", weights)[0],
-                        convert.load_orbax(converted[name], weights)[0])
+    convert_cli.torch_to_orbax(path, tmp_path / "o", weights=weights)
+    assert checkpoints.read_meta(tmp_path / "o")[0]["weights"] == [weights]
+    assert leaves_equal(load_orbax(tmp_path / "o", weights)[0],
+                        load_orbax(converted[name], weights)[0])
     other = "raw" if weights == "ema" else "ema"
     with pytest.raises(ValueError, match=f"holds {weights} weights.*--weights {weights}"):
-        convert.torch_to_orbax(path, tmp_path / "bad", weights=other)
+        convert_cli.torch_to_orbax(path, tmp_path / "bad", weights=other)
     assert not os.path.exists(tmp_path / "bad")
 
 
@@ -371,10 +378,10 @@ def test_hf_style_safetensors_needs_heads(tmp_path):
     path = tmp_path / "model.safetensors"
     save_file({n: p.detach().numpy() for n, p in model.named_parameters()}, str(path))
     with pytest.raises(ValueError, match="n_heads cannot be inferred.*12 heads"):
-        convert.torch_to_orbax(path, tmp_path / "o")
+        convert_cli.torch_to_orbax(path, tmp_path / "o")
     assert not os.path.exists(tmp_path / "o")
-    convert.torch_to_orbax(tmp_path, tmp_path / "o", n_heads=HEADS)  # a directory works too
-    params, cfg = convert.load_orbax(tmp_path / "o", "ema")
+    convert_cli.torch_to_orbax(tmp_path, tmp_path / "o", n_heads=HEADS)  # a directory works too
+    params, cfg = load_orbax(tmp_path / "o", "ema")
     z, tau_s, tau_t = random_inputs(8)
     assert max_diff(flax_logits(cfg, params, z, tau_s, tau_t),
                     torch_logits(model, z, tau_s, tau_t)) <= TOL
@@ -387,11 +394,11 @@ def test_cli_round_trip(tmp_path, capsys):
     orbax_dir, ckpt, sft = tmp_path / "o", tmp_path / "back.ckpt", tmp_path / "back.safetensors"
     argv = ["torch-to-orbax", "--src", fixture("fmlm"), "--out", str(orbax_dir),
             "--vocab-size", "61", "--n-heads", "3"]
-    assert convert.main(argv) == 0
+    assert convert_cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "FMLM (two-time), 34 tensors" in out and "3 heads" in out
-    assert convert.main(["orbax-to-torch", "--src", str(orbax_dir), "--out", str(ckpt)]) == 0
-    assert convert.main(["orbax-to-torch", "--src", str(orbax_dir / "1"), "--out", str(sft),
+    assert convert_cli.main(["orbax-to-torch", "--src", str(orbax_dir), "--out", str(ckpt)]) == 0
+    assert convert_cli.main(["orbax-to-torch", "--src", str(orbax_dir / "1"), "--out", str(sft),
                          "--weights", "raw"]) == 0
     assert_same_ckpt(tload(fixture("fmlm")), tload(ckpt))
     from safetensors.numpy import load_file
@@ -409,7 +416,7 @@ def test_cli_subprocess(tmp_path):
     ok = run("torch-to-orbax", "--src", fixture("flm"), "--out", str(tmp_path / "o"))
     assert ok.returncode == 0, ok.stderr
     assert "FLM (one-time)" in ok.stdout
-    assert convert.load_orbax(tmp_path / "o")[1].n_heads == FIXTURE_HEADS
+    assert load_orbax(tmp_path / "o")[1].n_heads == FIXTURE_HEADS
     back = run("orbax-to-torch", "--src", str(tmp_path / "o"), "--out", str(tmp_path / "b.ckpt"),
                "--vocab-size", "50258")
     assert back.returncode == 2 and "unrecognized arguments: --vocab-size" in back.stderr
@@ -418,18 +425,18 @@ def test_cli_subprocess(tmp_path):
 
 def test_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        convert.main(["torch-to-orbax", "--help"])
+        convert_cli.main(["torch-to-orbax", "--help"])
     assert "12 heads" in " ".join(capsys.readouterr().out.split())
     out = tmp_path / "o"
     argv = ["torch-to-orbax", "--src", fixture("fmlm"), "--out", str(out)]
-    assert convert.main(argv + ["--size", "small"]) == 1
+    assert convert_cli.cli(argv + ["--size", "small"]) == 2
     assert "hidden_size: config 768, checkpoint 48" in capsys.readouterr().err
-    assert convert.main(argv + ["--n-heads", "4"]) == 1
+    assert convert_cli.cli(argv + ["--n-heads", "4"]) == 2
     assert "rotary buffer" in capsys.readouterr().err
-    assert convert.main(["torch-to-orbax", "--src", str(tmp_path / "nope.ckpt"),
-                         "--out", str(out)]) == 1
+    assert convert_cli.cli(["torch-to-orbax", "--src", str(tmp_path / "nope.ckpt"),
+                            "--out", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert convert.main(argv + ["--vocab-size", "50258"]) == 1
+    assert convert_cli.cli(argv + ["--vocab-size", "50258"]) == 2
     assert "vocabulary size 61 but 50258 (gpt2 + [PAD]" in capsys.readouterr().err
     assert not os.path.exists(out) and no_leftovers(tmp_path)
 
@@ -445,7 +452,7 @@ def test_error_config_of_another_architecture(name, wrong, tmp_path):
     field = next(iter(wrong))
     with pytest.raises(ValueError, match=f"do not fit the given model config: {field}: config "
                                          f"{wrong[field]}, checkpoint {not wrong[field]}"):
-        convert.torch_to_orbax(fixture(name), tmp_path / "o", config=cfg)
+        convert_cli.torch_to_orbax(fixture(name), tmp_path / "o", config=cfg)
     assert not os.path.exists(tmp_path / "o")
     with pytest.raises(ValueError, match="sigma_map_prime" if field == "two_time" else "learnable"):
         convert.load_torch(fixture(name), config=cfg)
@@ -459,17 +466,17 @@ def test_error_not_a_dit(tmp_path):
     torch.save({"state_dict": {"model.conv1.weight": torch.zeros(4, 3, 3, 3),
                                "model.fc.weight": torch.zeros(10, 4)}}, path)
     with pytest.raises(ValueError, match="not a DiT checkpoint.*model.conv1.weight"):
-        convert.torch_to_orbax(path, tmp_path / "o", weights="raw", n_heads=2)
+        convert_cli.torch_to_orbax(path, tmp_path / "o", weights="raw", n_heads=2)
     assert not os.path.exists(tmp_path / "o")
     with pytest.raises(ValueError, match="not a DiT checkpoint"):
         convert.params_from_torch({"encoder.weight": np.zeros((3, 3))}, weights="raw")
     # A torch file that is not a dict at all, and a file that is not torch.
     torch.save([torch.zeros(2)], tmp_path / "list.ckpt")
     with pytest.raises(ValueError, match="holds a list"):
-        convert.torch_to_orbax(tmp_path / "list.ckpt", tmp_path / "o")
+        convert_cli.torch_to_orbax(tmp_path / "list.ckpt", tmp_path / "o")
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a readable torch checkpoint"):
-        convert.torch_to_orbax(tmp_path / "junk.ckpt", tmp_path / "o")
+        convert_cli.torch_to_orbax(tmp_path / "junk.ckpt", tmp_path / "o")
     assert not os.path.exists(tmp_path / "o") and no_leftovers(tmp_path)
 
 
@@ -477,7 +484,7 @@ def test_error_not_a_dit(tmp_path):
                                                  (50258, r"gpt2 \+ \[PAD\]")])
 def test_error_vocab_size(expected, tokenizer, tmp_path):
     with pytest.raises(ValueError, match=f"vocabulary size 61 but {expected} \\({tokenizer}"):
-        convert.torch_to_orbax(fixture("flm"), tmp_path / "o", expected_vocab_size=expected)
+        convert_cli.torch_to_orbax(fixture("flm"), tmp_path / "o", expected_vocab_size=expected)
     assert not os.path.exists(tmp_path / "o")
     convert.load_torch(fixture("flm"), expected_vocab_size=61)  # a match passes
 
@@ -488,27 +495,27 @@ def test_error_ema_length(tmp_path):
     torch.save(ck, tmp_path / "short.ckpt")
     with pytest.raises(ValueError, match="EMA list has 41 tensors but the .* has 42 parameters"
                                          ".*silently truncate.*refuse"):
-        convert.torch_to_orbax(tmp_path / "short.ckpt", tmp_path / "o")
+        convert_cli.torch_to_orbax(tmp_path / "short.ckpt", tmp_path / "o")
     assert not os.path.exists(tmp_path / "o")
     # The raw weights alone still convert.
-    convert.torch_to_orbax(tmp_path / "short.ckpt", tmp_path / "o", weights="raw")
+    convert_cli.torch_to_orbax(tmp_path / "short.ckpt", tmp_path / "o", weights="raw")
     # An EMA list of the right length in the wrong order is refused too.
     ck = tload(fixture("flm"))
     ema = ck["ema"]["shadow_params"]
     ema[0], ema[1] = ema[1], ema[0]
     torch.save(ck, tmp_path / "shuffled.ckpt")
     with pytest.raises(ValueError, match=r"EMA entry 0 has shape \(24, 256\).*vocab_embed"):
-        convert.torch_to_orbax(tmp_path / "shuffled.ckpt", tmp_path / "o2")
+        convert_cli.torch_to_orbax(tmp_path / "shuffled.ckpt", tmp_path / "o2")
     assert not os.path.exists(tmp_path / "o2")
 
 
 def test_error_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        convert.torch_to_orbax(tmp_path / "nope.ckpt", tmp_path / "o")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        convert.orbax_to_torch(tmp_path / "nope", tmp_path / "y.ckpt")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        convert.load_orbax(tmp_path / "nope")
+        convert_cli.torch_to_orbax(tmp_path / "nope.ckpt", tmp_path / "o")
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        convert_cli.orbax_to_torch(tmp_path / "nope", tmp_path / "y.ckpt")
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        load_orbax(tmp_path / "nope")
     assert not os.path.exists(tmp_path / "o") and not os.path.exists(tmp_path / "y.ckpt")
 
 
@@ -517,33 +524,33 @@ def test_error_ema_requested_without_ema(tmp_path):
     del ck["ema"]
     torch.save(ck, tmp_path / "noema.ckpt")
     with pytest.raises(ValueError, match=r"no EMA weights.*--weights raw"):
-        convert.torch_to_orbax(tmp_path / "noema.ckpt", tmp_path / "o")
+        convert_cli.torch_to_orbax(tmp_path / "noema.ckpt", tmp_path / "o")
     assert not os.path.exists(tmp_path / "o")
     with pytest.raises(ValueError, match="weights='raw'"):
         convert.params_from_torch(tmp_path / "noema.ckpt")
-    convert.torch_to_orbax(tmp_path / "noema.ckpt", tmp_path / "o", weights="raw")
+    convert_cli.torch_to_orbax(tmp_path / "noema.ckpt", tmp_path / "o", weights="raw")
     # The raw-only Orbax checkpoint: EMA requests are refused, nothing is written.
     with pytest.raises(ValueError, match="holds no ema weights.*weights='raw'"):
-        convert.load_orbax(tmp_path / "o", "ema")
+        load_orbax(tmp_path / "o", "ema")
     with pytest.raises(ValueError, match="holds no ema weights"):
-        convert.orbax_to_torch(tmp_path / "o", tmp_path / "y.ckpt")
+        convert_cli.orbax_to_torch(tmp_path / "o", tmp_path / "y.ckpt")
     with pytest.raises(ValueError, match="holds no ema weights"):
-        convert.orbax_to_torch(tmp_path / "o", tmp_path / "y.safetensors")
+        convert_cli.orbax_to_torch(tmp_path / "o", tmp_path / "y.safetensors")
     assert not any(os.path.exists(tmp_path / n) for n in ("y.ckpt", "y.safetensors"))
 
 
 def test_error_heads_and_outputs(tmp_path, converted):
     with pytest.raises(ValueError, match="n_heads=4 was given but .*rotary buffer.*3 heads"):
-        convert.torch_to_orbax(fixture("flm"), tmp_path / "o", n_heads=4)
+        convert_cli.torch_to_orbax(fixture("flm"), tmp_path / "o", n_heads=4)
     with pytest.raises(ValueError, match="must end with .ckpt"):
-        convert.orbax_to_torch(converted["flm"], tmp_path / "y.pt")
+        convert_cli.orbax_to_torch(converted["flm"], tmp_path / "y.pt")
     with pytest.raises(ValueError, match="weights must be 'ema' or 'raw'"):
-        convert.torch_to_orbax(fixture("flm"), tmp_path / "o", weights="both")
+        convert_cli.torch_to_orbax(fixture("flm"), tmp_path / "o", weights="both")
     # Safetensors of EMA weights only cannot fill a .ckpt's state_dict.
-    convert.orbax_to_torch(converted["flm"], tmp_path / "e.safetensors")
-    convert.torch_to_orbax(tmp_path / "e.safetensors", tmp_path / "e")
+    convert_cli.orbax_to_torch(converted["flm"], tmp_path / "e.safetensors")
+    convert_cli.torch_to_orbax(tmp_path / "e.safetensors", tmp_path / "e")
     with pytest.raises(ValueError, match="no raw weights.*write a .safetensors"):
-        convert.orbax_to_torch(tmp_path / "e", tmp_path / "y.ckpt")
+        convert_cli.orbax_to_torch(tmp_path / "e", tmp_path / "y.ckpt")
     assert not any(os.path.exists(tmp_path / n) for n in ("o", "y.pt", "y.ckpt"))
 
 
@@ -551,15 +558,15 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path, converted):
     out = tmp_path / "y.ckpt"
     out.write_bytes(b"keep me")
     with pytest.raises(FileExistsError, match="already exists.*--overwrite"):
-        convert.orbax_to_torch(converted["flm"], out)
+        convert_cli.orbax_to_torch(converted["flm"], out)
     assert out.read_bytes() == b"keep me"
-    convert.orbax_to_torch(converted["flm"], out, overwrite=True)
+    convert_cli.orbax_to_torch(converted["flm"], out, overwrite=True)
     assert_same_ckpt(tload(fixture("flm")), tload(out))
     with pytest.raises(FileExistsError, match="already exists"):
-        convert.torch_to_orbax(fixture("flm"), converted["flm"])
-    convert.torch_to_orbax(fixture("fmlm"), tmp_path / "d")
-    convert.torch_to_orbax(fixture("flm"), tmp_path / "d", overwrite=True)
-    assert convert.load_orbax(tmp_path / "d")[1].two_time is False
+        convert_cli.torch_to_orbax(fixture("flm"), converted["flm"])
+    convert_cli.torch_to_orbax(fixture("fmlm"), tmp_path / "d")
+    convert_cli.torch_to_orbax(fixture("flm"), tmp_path / "d", overwrite=True)
+    assert load_orbax(tmp_path / "d")[1].two_time is False
     assert no_leftovers(tmp_path)
 
 
@@ -573,7 +580,7 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch, converted):
     monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", boom)
     out = tmp_path / "a" / "b" / "o"
     with pytest.raises(OSError, match="disk full"):
-        convert.torch_to_orbax(fixture("fmlm"), out)
+        convert_cli.torch_to_orbax(fixture("fmlm"), out)
     assert not os.path.exists(tmp_path / "a") and no_leftovers(tmp_path)
     monkeypatch.undo()
 
@@ -585,7 +592,7 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch, converted):
 
     monkeypatch.setattr(torch, "save", partial_save)
     with pytest.raises(OSError, match="disk full"):
-        convert.orbax_to_torch(converted["fmlm"], tmp_path / "y.ckpt")
+        convert_cli.orbax_to_torch(converted["fmlm"], tmp_path / "y.ckpt")
     assert not os.path.exists(tmp_path / "y.ckpt") and no_leftovers(tmp_path)
 
 
@@ -632,16 +639,16 @@ def test_orbax_layout_and_step_directory(converted):
     assert sorted(os.listdir(root)) == ["1"]
     assert sorted(n for n in os.listdir(os.path.join(root, "1")) if not n.startswith("_")
                   and not n.endswith(".txt")) == ["meta", "params"]
-    meta = convert.orbax_metadata(root)
-    assert meta["format"] == convert.FORMAT and meta["weights"] == ["ema", "raw"]
+    meta = checkpoints.read_meta(root)[0]
+    assert meta["format"] == checkpoints.EXPORT_FORMAT and meta["weights"] == ["ema", "raw"]
     assert meta["model_config"]["learnable_loss_weighting"] is True
     assert meta["num_params"] == sum(v.numel() for k, v in tload(fixture("fmlm_llw"))[
         "state_dict"].items() if "inv_freq" not in k)
-    a, cfg_a = convert.load_orbax(root, "ema")
-    b, cfg_b = convert.load_orbax(os.path.join(root, "1"), "ema", step=1)
+    a, cfg_a = load_orbax(root, "ema")
+    b, cfg_b = load_orbax(os.path.join(root, "1"), "ema")
     assert leaves_equal(a, b) and cfg_a == cfg_b
     with pytest.raises(ValueError, match="has no step 5"):
-        convert.load_orbax(root, step=5)
+        checkpoints.read_meta(root, step=5)
 
 
 def _omegaconf_modules(monkeypatch):
@@ -689,11 +696,11 @@ def test_released_legacy_hyper_parameters_are_reported(name, stage, tmp_path, mo
     assert read.hyper_parameters["config"]["training"]["loss_type"] == loss_type
     recipe = convert.training_recipe(read.hyper_parameters, name == "fmlm", read.source)
     assert recipe["stage"] == stage and recipe["names"]["time_condition"] == "alpha_t"
-    assert convert.main(["torch-to-orbax", "--src", str(tmp_path / "released.ckpt"),
+    assert convert_cli.main(["torch-to-orbax", "--src", str(tmp_path / "released.ckpt"),
                          "--out", str(tmp_path / "out"), "--n-heads", "3"]) == 0
     out = capsys.readouterr().out
     assert f"recipe: {stage} (from algo.name=dos_denoiser" in out
-    assert convert.orbax_metadata(str(tmp_path / "out"))["recipe"]["stage"] == stage
+    assert checkpoints.read_meta(str(tmp_path / "out"))[0]["recipe"]["stage"] == stage
 
 
 def test_a_recipe_that_contradicts_the_tensors_or_the_time_is_refused():

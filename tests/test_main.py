@@ -1,85 +1,35 @@
-"""The training loop and CLI: metrics, checkpoints, exact resume, distillation by path."""
+"""`python -m fmlm_jax.main` refuses bad input in one line, as a user would meet it (real
+subprocesses). Training and resuming through the CLI: tests/test_train.py (SIGTERM test);
+the loop itself: tests/test_train.py."""
 
-import json
-import os
 import subprocess
 import sys
 
-import ml_collections
-import numpy as np
-import pytest
+from conftest import ROOT
 
-from fmlm_jax import train
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = [sys.executable, "-m", "fmlm_jax.main", "--config=configs/tiny_flm.py", "--config.model.n_blocks=1",
+        "--config.train.num_steps=4", "--config.train.log_every=2", "--config.train.save_every=2",
+        "--config.train.eval_every=0", "--config.train.sample_every=0"]
 
 
-def loop_config(num_steps, **model):
-    sys.path.insert(0, os.path.join(ROOT, "configs"))
-    import synthetic_demo
-
-    config = synthetic_demo.get_config()
-    config.model.n_blocks = 1
-    config.model.dropout = 0.1  # dropout on: the step rng must be reproduced too
-    config.model.update(model)
-    config.data.batch_size = 8
-    config.train.update(num_steps=num_steps, log_every=1, save_every=5)
-    return config
+def run(*args, workdir):
+    return subprocess.run([*BASE, f"--workdir={workdir}", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
 
 
-def losses(rows):
-    return [(r["step"], r["train/loss"], r["train/grad_norm"]) for r in rows]
-
-
-def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
-    full = train.train_and_evaluate(loop_config(12), str(tmp_path / "a"), log=lambda *_: None)
-    first = train.train_and_evaluate(loop_config(7), str(tmp_path / "b"), log=lambda *_: None)
-    messages = []
-    second = train.train_and_evaluate(loop_config(12), str(tmp_path / "b"), log=messages.append)
-    assert messages[0] == f"resumed from {tmp_path / 'b'} at step 7"
-    assert losses(first + second) == losses(full)  # bitwise: the floats compare equal
-    assert [r["step"] for r in full] == list(range(1, 13))
-    logged = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
-    assert [r["step"] for r in logged] == list(range(1, 13))
-
-
-@pytest.mark.slow  # tests/test_checkpoints.py covers the refusal without the loop's compile
-def test_a_workdir_of_another_architecture_is_refused(tmp_path):
-    train.train_and_evaluate(loop_config(5), str(tmp_path), log=lambda *_: None)
-    with pytest.raises(ValueError, match="hidden_size"):
-        train.train_and_evaluate(loop_config(10, hidden_size=48), str(tmp_path), log=lambda *_: None)
-
-
-def test_distillation_from_a_teacher_workdir(tmp_path):
-    train.train_and_evaluate(loop_config(5), str(tmp_path / "teacher"), log=lambda *_: None)
-    config = loop_config(4, two_time=True)
-    config.mode = "distill"
-    config.distill = ml_collections.ConfigDict(dict(
-        method="psd", use_teacher=True, teacher_path=str(tmp_path / "teacher"),
-        diagonal_fraction=0.5, boundary_prob=4.0, offdiag_sampling="uniform_diff",
-        use_mse_loss_psd=False, rescale_offdiag_loss_psd=False, use_ema_for_psd_target=False,
-        use_teacher_for_D_t_lsd=False, entmax_temp_lsd=2.0))
-    rows = train.train_and_evaluate(config, str(tmp_path / "student"), log=lambda *_: None)
-    assert len(rows) == 4 and all(np.isfinite(r["train/loss"]) for r in rows)
-    assert {"train/diag_loss", "train/offdiag_loss"} <= set(rows[0])
-    from fmlm_jax import checkpoints
-
-    meta = checkpoints.read_metadata(checkpoints.open_manager(tmp_path / "student", read_only=True))
-    assert meta["teacher"]["path"] == str(tmp_path / "teacher")
-    assert meta["teacher"]["model_fingerprint"] == checkpoints.model_fingerprint(loop_config(5).model)
-    config.distill.teacher_path = ""
-    with pytest.raises(ValueError, match="teacher_path"):
-        train.train_and_evaluate(config, str(tmp_path / "other"), log=lambda *_: None)
-
-
-def test_cli_runs_and_rejects_unknown_keys(tmp_path):
-    base = [sys.executable, "-m", "fmlm_jax.main", "--config=configs/synthetic_demo.py",
-            f"--workdir={tmp_path}", "--config.model.n_blocks=1", "--config.train.num_steps=6",
-            "--config.train.log_every=3", "--config.train.save_every=3"]
-    done = subprocess.run(base, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "step 6/6: loss" in done.stdout
-    assert sorted(d for d in os.listdir(tmp_path) if d.isdigit()) == ["3", "6"]
-    bad = subprocess.run(base + ["--config.train.num_stepz=3"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
-    assert bad.returncode != 0 and "num_stepz" in bad.stderr
+def test_refusals_are_one_line_with_exit_code_2_and_leave_nothing_behind(tmp_path):
+    cases = {
+        "misspelt": (["--config.train.num_stepz=3"],
+                     "no config field 'num_stepz': Did you mean \"num_steps\""),
+        "accumulation": (["--config.train.grad_accum_steps=3"], "grad_accum_steps 3 must divide"),
+        "mode": (["--config.mode=fmlm"], "mode='fmlm' trains a two-time student"),
+    }
+    for name, (args, expected) in cases.items():
+        workdir = tmp_path / name
+        result = run(*args, workdir=workdir)
+        assert result.returncode == 2, (name, result.stderr[-2000:])
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], (name, lines)
+        assert not workdir.exists()  # nothing created on a refusal
+    verbose = run("--config.train.grad_accum_steps=3", "--verbose", workdir=tmp_path / "v")
+    assert verbose.returncode == 2 and "Traceback" in verbose.stderr  # --verbose shows it

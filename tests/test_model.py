@@ -38,7 +38,13 @@ except ImportError:  # torch is a test extra; the pure-JAX tests still run witho
 TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TESTS)
 if torch is not None:
-    from torch_dit import TorchDiT, random_model  # noqa: E402
+    from torch_dit import (  # noqa: E402
+        TorchDiT,
+        apply_ema,
+        build_from_state_dict,
+        load_reference_checkpoint,
+        random_model,
+    )
 
 requires_torch = pytest.mark.skipif(torch is None, reason="needs torch (test extra)")
 
@@ -647,26 +653,6 @@ def test_times_outside_unit_interval_are_rejected(bad):
         DiT(cfg).apply({"params": params}, z, jnp.array([0.5, 0.5]), jnp.array([bad, 0.2]))
 
 
-def test_benchmark_flop_count_matches_xla_and_param_count():
-    # benchmarks/flops.py fills the GPU section from shapes: its parameter count must be the
-    # model's, and its matmul FLOPs XLA's own count (which adds a few % of elementwise ops).
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                    "benchmarks"))
-    import flops
-
-    for two_time in (False, True):
-        cfg = model_config("tiny", 512, hidden_size=64, n_blocks=2, n_heads=4, dropout=0.0,
-                           two_time=two_time)
-        assert flops.param_count(64, 2, 512, two_time=two_time) == count_params(param_shapes(cfg))
-    params = init_params(cfg, jax.random.key(0))
-    z, tau = jnp.zeros((2, 16, 512)), jnp.zeros((2,))
-    cost = jax.jit(lambda p, z: DiT(cfg).apply({"params": p}, z, tau, tau)).lower(params, z).compile()
-    cost = cost.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    ours = sum(flops.forward_flops(2, 16, 64, 2, 512, two_time=True).values())
-    assert ours <= cost["flops"] <= 1.1 * ours, (ours, cost["flops"])
-
-
 @pytest.mark.parametrize("chunk", [0, 5])  # 5 does not divide the 12 tokens: padding
 def test_fused_capped_nll_matches_log_probs_and_its_gradients(chunk):
     from fmlm_jax.model import capped_nll
@@ -695,3 +681,143 @@ def test_fused_capped_nll_matches_log_probs_and_its_gradients(chunk):
         capped_nll(x, kernel, bias, tokens[:, :2])
     with pytest.raises(ValueError, match="kernel"):
         capped_nll(x, kernel[:4], bias, tokens)
+
+
+# ----------------------------------------------------- the independent PyTorch DiT vs the authors
+# tests/torch_dit.py (written here, not the authors' code) reproduces their fixture outputs, so
+# that the parity tests above have an oracle that is not our own Flax code.
+
+TORCH_REF_OUTPUTS = os.path.join(FIXTURES, "reference_outputs.npz")
+TORCH_REF_NAMES = ["flm", "fmlm", "fmlm_llw"]
+TORCH_REF_TWO_TIME = {"flm": False, "fmlm": True, "fmlm_llw": True}
+TORCH_REF_HEADS = 3
+TORCH_REF_TOL = 1e-4
+
+
+def _ckpt(name):
+    return os.path.join(FIXTURES, f"reference_{name}.ckpt")
+
+
+@pytest.fixture(scope="module")
+def torch_ref_outputs():
+    with np.load(TORCH_REF_OUTPUTS) as d:
+        return {k: d[k] for k in d.files}
+
+
+def _run(model, torch_ref_outputs, name):
+    z = torch.from_numpy(torch_ref_outputs[f"{name}/z"]).float()
+    tau_s = torch.from_numpy(torch_ref_outputs[f"{name}/tau_s"]).float()
+    tau_t = torch.from_numpy(torch_ref_outputs[f"{name}/tau_t"]).float() if TORCH_REF_TWO_TIME[name] else None
+    with torch.no_grad():
+        out = model(z, tau_s, tau_t)
+    assert out.dtype == torch.float32
+    assert out.shape == z.shape
+    return out.numpy()
+
+
+@pytest.mark.parametrize("name", TORCH_REF_NAMES)
+@requires_torch
+def test_torch_dit_config_inferred(name):
+    sd, ema = load_reference_checkpoint(_ckpt(name))
+    model = build_from_state_dict(sd, n_heads=TORCH_REF_HEADS)
+    assert (model.vocab_size, model.hidden_size, model.cond_dim) == (61, 48, 24)
+    assert len(model.blocks) == 2
+    assert model.two_time == TORCH_REF_TWO_TIME[name]
+    assert hasattr(model, "learnable_loss_weighting") == (name == "fmlm_llw")
+    assert not any(k.startswith("teacher") or "inv_freq" in k for k in sd)
+    assert ema is not None and len(ema) == len(sd)
+
+
+@pytest.mark.parametrize("name", TORCH_REF_NAMES)
+@requires_torch
+def test_torch_dit_parameter_order_matches_checkpoint(name):
+    ck = torch.load(_ckpt(name), map_location="cpu", weights_only=True)
+    ck_keys = [k[len("backbone."):] for k in ck["state_dict"]]
+    sd, _ = load_reference_checkpoint(_ckpt(name))
+    model = build_from_state_dict(sd, n_heads=TORCH_REF_HEADS)
+    names = [n for n, _ in model.named_parameters()]
+    assert names == [k for k in ck_keys if k != "rotary_emb.inv_freq"]
+    assert names == list(sd.keys())
+    # With the (persistent) rotary buffer, the full state_dict order matches too.
+    assert list(model.state_dict().keys()) == ck_keys
+    # EMA list shapes line up with named_parameters() order.
+    for (n, p), e in zip(model.named_parameters(), ck["ema"]["shadow_params"], strict=False):
+        assert tuple(p.shape) == tuple(e.shape), n
+    # Rotary buffer: inv_freq_j = 10000^(-2j/head_dim), equal to the reference's.
+    ref_inv = ck["state_dict"]["backbone.rotary_emb.inv_freq"]
+    assert torch.allclose(model.rotary_emb.inv_freq, ref_inv, rtol=1e-6, atol=0)
+    assert "rotary_emb.inv_freq" not in names
+
+
+@pytest.mark.parametrize("name", TORCH_REF_NAMES)
+@requires_torch
+def test_torch_dit_logits_raw(name, torch_ref_outputs):
+    sd, _ = load_reference_checkpoint(_ckpt(name))
+    model = build_from_state_dict(sd, n_heads=TORCH_REF_HEADS)
+    got = _run(model, torch_ref_outputs, name)
+    diff = np.abs(got - torch_ref_outputs[f"{name}/logits_raw"]).max()
+    assert diff <= TORCH_REF_TOL, f"{name} raw max abs diff {diff}"
+
+
+@pytest.mark.parametrize("name", TORCH_REF_NAMES)
+@requires_torch
+def test_torch_dit_logits_ema(name, torch_ref_outputs):
+    sd, ema = load_reference_checkpoint(_ckpt(name))
+    model = apply_ema(build_from_state_dict(sd, n_heads=TORCH_REF_HEADS), ema)
+    got = _run(model, torch_ref_outputs, name)
+    diff = np.abs(got - torch_ref_outputs[f"{name}/logits_ema"]).max()
+    assert diff <= TORCH_REF_TOL, f"{name} EMA max abs diff {diff}"
+    # EMA weights differ from raw (raw + 0.02), so the outputs must too.
+    assert np.abs(got - torch_ref_outputs[f"{name}/logits_raw"]).max() > 1e-2
+
+
+@requires_torch
+def test_torch_dit_loss_weight_ema(torch_ref_outputs):
+    sd, ema = load_reference_checkpoint(_ckpt("fmlm_llw"))
+    model = apply_ema(build_from_state_dict(sd, n_heads=TORCH_REF_HEADS), ema)
+    tau_s = torch.from_numpy(torch_ref_outputs["fmlm_llw/tau_s"]).float()
+    with torch.no_grad():
+        w = model.loss_weight(tau_s).numpy()
+    ref = torch_ref_outputs["fmlm_llw/loss_weight_ema"]
+    assert w.shape == ref.shape == tau_s.shape
+    diff = np.abs(w - ref).max()
+    assert diff <= TORCH_REF_TOL, f"loss weight max abs diff {diff}"
+
+
+@requires_torch
+def test_torch_dit_apply_ema_length_mismatch():
+    sd, ema = load_reference_checkpoint(_ckpt("flm"))
+    model = build_from_state_dict(sd, n_heads=TORCH_REF_HEADS)
+    with pytest.raises(ValueError):
+        apply_ema(model, ema[:-1])
+
+
+@requires_torch
+def test_torch_dit_one_time_model_reuses_sigma_map_for_second_time(torch_ref_outputs):
+    # No sigma_map_prime: a given tau_t goes through sigma_map as well (SPEC section 3 item 2).
+    sd, _ = load_reference_checkpoint(_ckpt("flm"))
+    model = build_from_state_dict(sd, n_heads=TORCH_REF_HEADS)
+    z = torch.from_numpy(torch_ref_outputs["flm/z"]).float()
+    tau_s = torch.from_numpy(torch_ref_outputs["flm/tau_s"]).float()
+    tau_t = torch.from_numpy(torch_ref_outputs["flm/tau_t"]).float()
+    with torch.no_grad():
+        one = model(z, tau_s)
+        two = model(z, tau_s, tau_t)
+        c = torch.nn.functional.silu(model.sigma_map(tau_s) + model.sigma_map(tau_t))
+        assert torch.allclose(model.conditioning(tau_s, tau_t), c)
+    assert not torch.allclose(one, two)
+
+
+@pytest.mark.parametrize(
+    "two_time,llw,count", [(False, False, 130), (True, False, 134), (True, True, 142)]
+)
+@requires_torch
+def test_torch_dit_named_tensor_counts_12_blocks(two_time, llw, count):
+    model = TorchDiT(11, 16, 8, 2, 12, two_time=two_time, learnable_loss_weighting=llw)
+    names = [n for n, _ in model.named_parameters()]
+    assert len(names) == count
+    assert len(set(names)) == count
+    assert names[0] == "vocab_embed.embedding"
+    assert names[-1] == "output_layer.adaLN_modulation.bias"
+    assert [n for n, _ in model.named_buffers()] == ["rotary_emb.inv_freq"]
+    assert model.rotary_emb.inv_freq.shape == (4,)  # head_dim 8 -> 4 frequencies

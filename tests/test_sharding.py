@@ -11,31 +11,37 @@ import sys
 import textwrap
 
 import jax
+import numpy as np
 import pytest
+from conftest import ROOT, run_config
 from jax.sharding import AxisType, PartitionSpec
 
-from fmlm_jax import sharding
+from fmlm_jax import sharding, train
 from fmlm_jax.model import model_config, param_shapes
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 GOLDEN = os.path.join(TESTS, "golden", "partition_specs_small.json")
 GOLDEN_MESH = {"data": 1, "fsdp": 8}
 
-# Runs with 8 CPU devices; prints one JSON line of results.
+# The one 8-device subprocess of the suite (XLA_FLAGS must be set before jax initialises):
+# one train step on several meshes against one device, the state created sharded, mesh
+# errors, and the whole loop (FLM and FMLM, with gradient accumulation) on meshes. Prints
+# one JSON line of results.
 MULTI_DEVICE_SCRIPT = textwrap.dedent(
     """
-    import json, sys, time
-    import jax, jax.numpy as jnp, ml_collections, numpy as np
-    from conftest import randomize, tiny_model_config
+    import json, os, sys, time
+    import jax, jax.numpy as jnp, numpy as np
+    from conftest import quiet, randomize, run_config, synthetic_model, tiny_model_config
     from fmlm_jax import sharding, train
 
     assert jax.device_count() == 8, jax.devices()
-    config = ml_collections.ConfigDict()
-    config.model = tiny_model_config(n_blocks=1)  # hidden 32 divides by 8, vocab 23 does not
-    config.flm = dict(tau_min=0.0, tau_max=1.0)
-    config.train = dict(lr=1e-3, warmup_steps=1, b1=0.9, b2=0.999, eps=1e-8,
-                        weight_decay=0.01, grad_clip=1e6, ema_decay=0.9999)
-    shapes = sharding.train_state_shapes(config)
+    workdir = sys.argv[1]
+    out = {}
+
+    # --- one step on several meshes against one device
+    config = run_config(model=tiny_model_config(n_blocks=1),  # hidden 32 divides by 8, vocab 23 does not
+                        train=dict(lr=1e-3, warmup_steps=1, weight_decay=0.01, grad_clip=1e6))
+    shapes = train.train_state_shapes(config)
     zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes.params)
     params = jax.jit(randomize)(zeros, jax.random.key(1))  # one compile, not one per leaf
     batch = {"tokens": jax.random.randint(jax.random.key(2), (8, 16), 0, 23)}
@@ -47,34 +53,27 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent(
     def host(tree):
         return jax.tree_util.tree_map(np.asarray, tree)
 
-    out = {}
-    t0 = time.time()
     with jax.default_device(jax.devices()[0]):
         ref_step = train.jit_train_step(config)
         ref_state, ref_metrics = ref_step(fresh(), batch, rng)
-        # A second step: the warm-up's first learning rate is 0 (and Adam's first update is
-        # ≈ lr·sign(g) anyway), so only a second step's params see gradient errors.
+        # A second step: the warm-up's first learning rate is 0, so only a second step's
+        # params see gradient errors.
         ref_state, ref_metrics2 = ref_step(ref_state, batch, rng)
     ref = host(ref_state)
     out["1"] = {"loss": float(ref_metrics["loss"]), "grad_norm": float(ref_metrics["grad_norm"]),
-                "loss2": float(ref_metrics2["loss"]), "seconds": time.time() - t0}
-
-    for data, fsdp in [(8, 1), (4, 2), (1, 8)]:
-        t0 = time.time()
+                "loss2": float(ref_metrics2["loss"])}
+    for data, fsdp in [(4, 2), (1, 8)]:  # the loop below covers data=8
         mesh = sharding.make_mesh(data, fsdp)
         state = sharding.place(fresh(), sharding.state_shardings(shapes, mesh))
-        step = sharding.shard_train_step(config, mesh)
+        step = train.sharded_train_step(config, mesh)
         placed_batch = sharding.place(batch, sharding.batch_sharding(mesh))
         new_state, metrics = step(state, placed_batch, rng)
         new_state, metrics2 = step(new_state, placed_batch, rng)
-        got = host(new_state)
-        diffs = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(a - b))), got, ref)
+        diffs = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(a - b))), host(new_state), ref)
         leaves = jax.tree_util.tree_leaves_with_path(new_state.params)
-        sharded = {
-            sharding.path_str(p): [str(x.sharding.spec), list(x.addressable_shards[0].data.shape),
-                                   list(x.shape)]
-            for p, x in leaves if x.addressable_shards[0].data.shape != x.shape
-        }
+        sharded = {sharding.path_str(p): [str(x.sharding.spec), list(x.addressable_shards[0].data.shape),
+                                          list(x.shape)]
+                   for p, x in leaves if x.addressable_shards[0].data.shape != x.shape}
         mu = new_state.opt_state[1][0].mu["vocab_embed"]["embedding"]
         out[f"{data}x{fsdp}"] = {
             "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
@@ -82,16 +81,13 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent(
             "max_param_diff": max(jax.tree_util.tree_leaves(diffs.params)),
             "max_ema_diff": max(jax.tree_util.tree_leaves(diffs.ema_params)),
             "max_opt_diff": max(jax.tree_util.tree_leaves(diffs.opt_state)),
-            "step": int(new_state.step), "sharded": sharded,
-            "mu_spec": str(mu.sharding.spec),
+            "step": int(new_state.step), "sharded": sharded, "mu_spec": str(mu.sharding.spec),
             "batch_spec": str(sharding.batch_sharding(mesh).spec),
             "axis_types": [str(t) for t in mesh.axis_types],
             "donated": bool(state.params["vocab_embed"]["embedding"].is_deleted()),
-            "seconds": time.time() - t0,
         }
-
     mesh = sharding.make_mesh(1, 8)
-    direct = sharding.init_train_state(config, mesh, jax.random.key(0))
+    direct = train.init_train_state(config, mesh, jax.random.key(0))
     emb = direct.params["vocab_embed"]["embedding"]
     with jax.default_device(jax.devices()[0]):
         expected = train.create_train_state(config, jax.random.key(0)).params
@@ -99,7 +95,6 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent(
                    "max_diff": max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
                        lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
                        direct.params, expected)))}
-
     errors = {}
     for data, fsdp in [(3, 1), (-1, 3), (2, 2), (-1, -1), (0, 8)]:
         try:
@@ -110,26 +105,52 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent(
     out["errors"] = errors
     out["auto_shape"] = dict(sharding.make_mesh(-1, 2).shape)
     out["subset_shape"] = dict(sharding.make_mesh(2, 2, devices=jax.devices()[:4]).shape)
+
+    # --- the loop on meshes: same global batch, times, noise and dropout masks everywhere
+    original = sharding.make_mesh
+
+    def loop(name, mode, devices, data, fsdp, accum, teacher=""):
+        sharding.make_mesh = lambda data=-1, fsdp=1, devices=None, n=devices: original(
+            data, fsdp, jax.devices()[:n])
+        # no warm-up and a large lr: the zero-initialised output layer moves at once, so the
+        # losses after step 1 depend on every gradient (at init every loss is log K)
+        config = run_config(mode, model=synthetic_model(n_blocks=1, dropout=0.1, two_time=mode == "fmlm"),
+                            data=dict(batch_size=16), mesh=dict(data=data, fsdp=fsdp),
+                            train=dict(num_steps=4, log_every=1, save_every=4, grad_accum_steps=accum,
+                                       warmup_steps=1, lr=1e-2),
+                            distill=dict(teacher_path=teacher, boundary_prob=4.0))
+        rows = train.train_and_evaluate(config, os.path.join(workdir, name), log=quiet)
+        sharding.make_mesh = original
+        keys = ["train/loss", "train/grad_norm"] + (["train/rows_boundary"] if mode == "fmlm" else [])
+        return [[r[k] for k in keys] for r in rows]
+
+    for name, devices, data, fsdp in [("flm 1", 1, 1, 1), ("flm 8x1", 8, 8, 1)]:
+        out[name] = loop(name, "flm", devices, data, fsdp, 1)
+    # FMLM with accumulation on a mixed mesh: the global row split and the same update.
+    teacher = os.path.join(workdir, "flm 1")
+    for name, devices, data, fsdp in [("fmlm 1 accum2", 1, 1, 1), ("fmlm 4x2 accum2", 8, 4, 2)]:
+        out[name] = loop(name, "fmlm", devices, data, fsdp, 2, teacher)
     print("RESULT " + json.dumps(out))
     """
 )
 
 
 @pytest.fixture(scope="module")
-def multi_device():
-    # The two optimisation flags halve the compile time (4 compiles here) on CPU.
+def multi_device(tmp_path_factory):
+    # The two optimisation flags halve the compile time on CPU.
     flags = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
              " --xla_llvm_disable_expensive_passes=true")
     env = {**os.environ, "XLA_FLAGS": flags,
            "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", MULTI_DEVICE_SCRIPT], env=env, cwd=TESTS,
-                          capture_output=True, text=True, timeout=300)
+    workdir = str(tmp_path_factory.mktemp("mesh"))
+    proc = subprocess.run([sys.executable, "-c", MULTI_DEVICE_SCRIPT, workdir], env=env, cwd=TESTS,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
     return json.loads(line[len("RESULT "):])
 
 
-@pytest.mark.parametrize("mesh", ["8x1", "4x2", "1x8"])
+@pytest.mark.parametrize("mesh", ["4x2", "1x8"])
 def test_sharded_train_step_matches_one_device(multi_device, mesh):
     ref, got = multi_device["1"], multi_device[mesh]
     assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
@@ -146,8 +167,7 @@ def test_sharded_train_step_matches_one_device(multi_device, mesh):
 
 
 def test_fsdp_really_shards_params_and_adam_moments(multi_device):
-    # data=8: parameters replicated; fsdp=2 and 8: the 'embed' dims split.
-    assert multi_device["8x1"]["sharded"] == {}
+    # fsdp=2 and 8: the 'embed' dims split (data=8 alone replicates: no 'sharded' entries).
     for mesh, n in [("4x2", 2), ("1x8", 8)]:
         sharded = multi_device[mesh]["sharded"]
         qkv_spec, qkv_shard, qkv_shape = sharded["blocks_0/attn_qkv/kernel"]
@@ -216,15 +236,8 @@ def test_partition_specs_match_golden_file():
 
 
 def test_state_shardings_cover_the_train_state():
-    import ml_collections
-    from conftest import tiny_model_config
-
-    config = ml_collections.ConfigDict(dict(model=tiny_model_config(), flm=dict(tau_min=0.0, tau_max=1.0),
-                                            train=dict(lr=1e-3, warmup_steps=1, b1=0.9, b2=0.999,
-                                                       eps=1e-8, weight_decay=0.0, grad_clip=1.0,
-                                                       ema_decay=0.999)))
     mesh = sharding.make_mesh()
-    shapes = sharding.train_state_shapes(config)
+    shapes = train.train_state_shapes(run_config())
     sh = sharding.state_shardings(shapes, mesh)
     assert jax.tree_util.tree_structure(sh) == jax.tree_util.tree_structure(shapes)
     assert sh.step.spec == PartitionSpec()
@@ -237,3 +250,42 @@ def test_init_train_state_creates_the_state_sharded(multi_device):
     init = multi_device["init"]
     assert init["spec"] == str(PartitionSpec(None, "fsdp")) and init["shard"] == [23, 4]
     assert init["max_diff"] == 0.0  # the same init as train.create_train_state
+
+
+def test_the_loop_on_8_devices_matches_one_device(multi_device):
+    # Same global batch, times, noise and dropout masks on every mesh: only the reduction
+    # order differs (dropout 0.1, four AdamW steps).
+    np.testing.assert_allclose(multi_device["flm 8x1"], multi_device["flm 1"], rtol=2e-5, atol=1e-6)
+
+
+def test_distillation_with_accumulation_on_a_mixed_mesh_matches_one_device(multi_device):
+    one, mesh = multi_device["fmlm 1 accum2"], multi_device["fmlm 4x2 accum2"]
+    np.testing.assert_allclose(mesh, one, rtol=2e-5, atol=1e-6)
+    # 16 rows, f = 0.5, P = 4: ⌊16·(0.5 + 0.125)⌋ − 8 = 2 boundary rows in every update
+    # (a split per micro-batch of 8 rows would give 1, per device of 1 row none).
+    assert [round(row[2] * 16) for row in mesh] == [2, 2, 2, 2]
+
+
+@pytest.mark.slow  # two processes; ~1.5 min on 2 busy cores
+def test_two_processes_train_through_jax_distributed(tmp_path):
+    """Two processes × 2 CPU devices, started as SLURM would start them (jax.distributed
+    finds the coordinator in the SLURM variables), with gloo collectives."""
+    procs = []
+    for i in range(2):
+        env = {**os.environ, "SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "localhost",
+               "SLURM_NTASKS": "2", "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i),
+               "SLURM_STEP_NUM_NODES": "1", "FMLM_JAX_DISTRIBUTED": "1",
+               "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "JAX_PLATFORMS": "cpu",
+               "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+        cmd = [sys.executable, "-m", "fmlm_jax.main", "--config=configs/tiny_flm.py",
+               f"--workdir={tmp_path}", "--config.model.n_blocks=1", "--config.data.batch_size=8",
+               "--config.train.num_steps=4", "--config.train.log_every=2", "--config.train.save_every=2",
+               "--config.train.eval_every=0", "--config.train.sample_every=0"]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=400) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert "process 0/2: 2 of 4 cpu devices" in outs[0][0]
+    assert "step 4/4: loss" in outs[0][0] and "step" not in outs[1][0].replace("process", "")
+    data_items = {f for f in os.listdir(tmp_path / "4" / "data") if f.endswith(".json")}
+    assert data_items == {"process_0-of-2.json", "process_1-of-2.json"}  # each iterator's position

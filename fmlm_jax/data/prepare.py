@@ -36,6 +36,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from fmlm_jax import errors
 from fmlm_jax.data import sources, tokenizers
 
 FORMAT_VERSION = 1
@@ -195,11 +196,13 @@ def main(argv=None) -> int:
     p.add_argument("--chunk-docs", type=int, default=CHUNK_DOCS)
     p.add_argument("--max-docs", type=int, help="stop after this many documents (smoke tests)")
     p.add_argument("--overwrite", action="store_true")
-    args = p.parse_args(argv)
-    meta = prepare(**{k: v for k, v in vars(args).items()}, log=lambda m: print(m, file=sys.stderr))
+    p.add_argument("--verbose", action="store_true", help="print the traceback of a refusal")
+    args = vars(p.parse_args(argv))
+    args.pop("verbose")
+    meta = prepare(**args, log=lambda m: print(m, file=sys.stderr))
     print(json.dumps({k: v for k, v in meta.items() if k != "files"}, indent=1))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(errors.run_cli(main))

@@ -25,6 +25,7 @@ PHRASES = (
     "children laugh in the garden",
 )
 SEPARATOR = "<eos>"
+TOKENIZER_NAME = "synthetic-words"  # what run configs and `load_model_tokenizer` call WordTokenizer
 
 
 class WordTokenizer:
@@ -47,6 +48,10 @@ class WordTokenizer:
 
     def decode(self, ids) -> str:
         return " ".join(self.vocab[int(i)] for i in ids)
+
+    def batch_decode(self, sequences, **unused) -> list[str]:
+        """`decode` of each sequence (the Hugging Face signature `tokenizers.decode` calls)."""
+        return [self.decode(ids) for ids in sequences]
 
 
 def corpus_bigrams(tokenizer: WordTokenizer, phrases=PHRASES) -> set[tuple[int, int]]:

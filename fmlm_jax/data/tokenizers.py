@@ -20,6 +20,8 @@ import os
 
 import numpy as np
 
+from fmlm_jax.data import synthetic
+
 # The vocabulary sizes of SPEC §1.
 BERT_BASE_UNCASED_SIZE = 30522
 GPT2_SIZE = 50257
@@ -83,7 +85,14 @@ def load_tokenizer(name_or_path: str, add_pad: bool = False, expected_size: int 
 def load_model_tokenizer(name_or_path: str, vocab_size: int):
     """The tokenizer of a model with `vocab_size` outputs (K): `load_tokenizer`, plus the
     `[PAD]` that the OpenWebText models add to gpt2 (SPEC §1: 50257 + 1) when the tokenizer
-    has no pad token and is exactly one token short. Any other size mismatch is an error."""
+    has no pad token and is exactly one token short. Any other size mismatch is an error.
+    'synthetic-words' is the word tokenizer of the built-in synthetic phrases."""
+    if name_or_path == synthetic.TOKENIZER_NAME:
+        tokenizer = synthetic.WordTokenizer()
+        if len(tokenizer) != vocab_size:
+            raise ValueError(f"the synthetic word tokenizer has {len(tokenizer)} tokens but the model has "
+                             f"vocab_size {vocab_size}")
+        return tokenizer
     tokenizer = load_tokenizer(name_or_path)
     if len(tokenizer) == vocab_size - 1 and tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})

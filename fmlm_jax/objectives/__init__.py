@@ -9,13 +9,12 @@
 from fmlm_jax.objectives import distill, flm
 from fmlm_jax.objectives.flm import finalize
 
-# config.mode → objective module; 'train' / 'distill' are the names older checkpoints carry.
-_BY_MODE = {"flm": flm, "train": flm, "fmlm": distill, "distill": distill}
+_BY_MODE = {"flm": flm, "fmlm": distill}  # config.mode → objective
 
 
 def for_config(config):
     """The objective module (`flm` or `distill`) that `config.mode` selects."""
-    mode = config.get("mode", "flm")
+    mode = config.mode
     if mode not in _BY_MODE:
         raise ValueError(f"config.mode must be 'flm' (FLM training) or 'fmlm' (FMLM distillation), "
                          f"got {mode!r}")

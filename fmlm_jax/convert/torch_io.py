@@ -1,151 +1,47 @@
-"""PyTorch reference checkpoints ↔ Flax parameters ↔ Orbax, driven by one name table (SPEC §7).
+"""Reading and writing the reference's checkpoints: Lightning `.ckpt` and HF-style `.safetensors`.
 
-`reference_names(config)` lists every reference tensor in the reference parameter
-order (= the order of the EMA `shadow_params` list) with its Flax path and whether
-the tensor is transposed (torch Linear weights are (out, in), Flax kernels (in, out)).
-Both directions of the conversion read this table and nothing else.
+- reading: `read_torch_checkpoint` → `TorchCheckpoint` (tensors, EMA list, rotary buffer, the
+  pickled run config as plain data), `checkpoint_config` (the model config inferred from the
+  tensors, or a given one checked against them), `training_recipe` (legacy run-config names
+  reported as FLM / FMLM-PSD), `load_torch` → (params, model config);
+- writing: `params_to_torch`, `save_torch_checkpoint` (a `.ckpt` the reference loader accepts),
+  `save_safetensors`. Every output is written beside its destination and renamed into place
+  when complete (`fmlm_jax.atomic`).
 
-On top of the table:
-- reading: `load_torch` / `params_from_torch` take a Lightning `.ckpt` (the authors'
-  release layout), an HF-style `.safetensors` file, or an in-memory state dict; the
-  model config is inferred from the tensors (or checked against a given one).
-- writing: `params_to_torch` (reference-named torch tensors), `save_torch_checkpoint`
-  (a `.ckpt` the reference loader accepts), `save_safetensors`.
-- Orbax: `save_orbax` / `load_orbax` — one step directory with the items `params`
-  ({'raw': ..., 'ema': ...}) and `meta` (JSON: the model config, step, EMA state).
-- the CLI: `python -m fmlm_jax.convert torch-to-orbax|orbax-to-torch ...` (see --help).
-
-Every output is written to a temporary path beside its destination and renamed into
-place only when complete: a failed conversion leaves nothing behind.
+torch is imported lazily (the optional `torch` extra); a `.ckpt` is never fully unpickled.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
-import contextlib
 import dataclasses
 import json
 import os
 import pickle
 import re
-import shutil
-import sys
-import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
 import numpy as np
 
+from fmlm_jax import atomic
 from fmlm_jax import model as model_lib
-
-# (torch suffix, flax leaf, transpose) for a torch Linear with bias.
-_LINEAR = (("weight", "kernel", True), ("bias", "bias", False))
-_LINEAR_NO_BIAS = (("weight", "kernel", True),)
-_NORM = (("weight", "scale", False),)
-
-
-def _entries(torch_prefix: str, flax_prefix: tuple[str, ...], leaves) -> list:
-    return [
-        (f"{torch_prefix}.{t}", (*flax_prefix, f), transpose) for t, f, transpose in leaves
-    ]
-
-
-def _time_embedder(torch_prefix: str, flax_prefix: tuple[str, ...]) -> list:
-    return _entries(f"{torch_prefix}.mlp.0", (*flax_prefix, "mlp_0"), _LINEAR) + _entries(
-        f"{torch_prefix}.mlp.2", (*flax_prefix, "mlp_2"), _LINEAR
-    )
-
-
-def reference_names(config) -> list[tuple[str, tuple[str, ...], bool]]:
-    """[(torch name, flax path, transpose)] in the reference `named_parameters()` order."""
-    cfg = model_lib.resolve_config(config)
-    table = [("vocab_embed.embedding", ("vocab_embed", "embedding"), False)]
-    table += _time_embedder("sigma_map", ("sigma_map",))
-    if cfg.two_time:
-        table += _time_embedder("sigma_map_prime", ("sigma_map_prime",))
-    if cfg.learnable_loss_weighting:
-        llw = ("learnable_loss_weighting",)
-        table += _time_embedder("learnable_loss_weighting.s_embed", (*llw, "s_embed"))
-        table += _entries("learnable_loss_weighting.mlp.0", (*llw, "mlp_0"), _LINEAR)
-        table += _entries("learnable_loss_weighting.mlp.2", (*llw, "mlp_2"), _LINEAR)
-    for i in range(cfg.n_blocks):
-        t, f = f"blocks.{i}", (f"blocks_{i}",)
-        table += _entries(f"{t}.norm1", (*f, "norm1"), _NORM)
-        table += _entries(f"{t}.attn_qkv", (*f, "attn_qkv"), _LINEAR_NO_BIAS)
-        table += _entries(f"{t}.attn_out", (*f, "attn_out"), _LINEAR_NO_BIAS)
-        table += _entries(f"{t}.norm2", (*f, "norm2"), _NORM)
-        table += _entries(f"{t}.mlp.0", (*f, "mlp_0"), _LINEAR)
-        table += _entries(f"{t}.mlp.2", (*f, "mlp_2"), _LINEAR)
-        table += _entries(f"{t}.adaLN_modulation", (*f, "adaLN_modulation"), _LINEAR)
-    out = ("output_layer",)
-    table += _entries("output_layer.norm_final", (*out, "norm_final"), _NORM)
-    table += _entries("output_layer.linear", (*out, "linear"), _LINEAR)
-    table += _entries("output_layer.adaLN_modulation", (*out, "adaLN_modulation"), _LINEAR)
-    return table
-
-
-def _to_numpy(x) -> np.ndarray:
-    if hasattr(x, "detach"):  # a torch tensor; torch stays an optional dependency
-        x = x.detach().cpu().float().numpy()
-    return np.asarray(x)
-
-
-def params_from_state_dict(state_dict: Mapping[str, object], config) -> dict:
-    """Flax params for `DiT(config)` from reference-named tensors (no `backbone.` prefix).
-
-    Every tensor the table names must be present with the expected shape, and no
-    parameter may be left over; otherwise ValueError says which.
-    """
-    table = reference_names(config)
-    expected = {name for name, _, _ in table}
-    missing = [name for name, _, _ in table if name not in state_dict]
-    extra = sorted(set(state_dict) - expected)
-    if missing or extra:
-        raise ValueError(
-            f"state dict does not match the model config: missing {missing[:8]}"
-            f"{'...' if len(missing) > 8 else ''}, unexpected {extra[:8]}"
-            f"{'...' if len(extra) > 8 else ''}"
-        )
-    shapes = model_lib.param_shapes(config)
-    params: dict = {}
-    for name, path, transpose in table:
-        value = _to_numpy(state_dict[name])
-        value = value.T if transpose else value
-        want = _lookup(shapes, path).shape
-        if value.shape != want:
-            raise ValueError(
-                f"{name}: shape {tuple(value.T.shape if transpose else value.shape)} does not "
-                f"match the model config (expects {tuple(want[::-1] if transpose else want)})"
-            )
-        node = params
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = np.ascontiguousarray(value, dtype=np.float32)
-    return params
-
-
-def state_dict_from_params(params: Mapping, config) -> collections.OrderedDict:
-    """Reference-named numpy arrays in reference order from Flax params."""
-    return collections.OrderedDict(
-        (name, np.ascontiguousarray(np.asarray(_lookup(params, path)).T if transpose
-                                    else np.asarray(_lookup(params, path))))
-        for name, path, transpose in reference_names(config)
-    )
-
-
-def _lookup(tree: Mapping, path: tuple[str, ...]):
-    for key in path:
-        tree = tree[key]
-    return tree
-
+from fmlm_jax.convert.names import (
+    ROTARY_BUFFER,
+    TIME_FEATURES,
+    describe_layout,
+    params_from_state_dict,
+    reference_names,
+    rotary_inv_freq,
+    state_dict_from_params,
+    to_numpy,
+)
 
 # ============================================================================ constants
 
 WEIGHTS = ("ema", "raw")
-FORMAT = "fmlm_jax.convert/1"  # recorded in the Orbax `meta` item and safetensors metadata
-ROTARY_BUFFER = "rotary_emb.inv_freq"
+PRODUCER = "fmlm_jax.convert/1"  # recorded in the metadata of the safetensors files we write
 # The tokenizer vocabularies of the published runs: named in vocabulary errors.
 KNOWN_VOCABS = {
     30522: "bert-base-uncased, the LM1B models",
@@ -154,7 +50,6 @@ KNOWN_VOCABS = {
 DEFAULT_EMA_DECAY = 0.9999  # the reference recipe's EMA decay (SPEC §4)
 # The Lightning version the authors pin; `load_from_checkpoint` needs a version key.
 LIGHTNING_VERSION = "2.5.2"
-TIME_FEATURES = 2 * model_lib.TIME_FREQUENCIES
 N_HEADS_HINT = (
     "the published checkpoints (lm1b_flm, lm1b_fmlm, owt_flm, owt_fmlm) are all DiT-small "
     "with 12 heads: pass n_heads=12 (--n-heads 12) or a config (--size small)"
@@ -328,7 +223,7 @@ def _from_mapping(raw: Mapping, source: str, fmt: str) -> TorchCheckpoint:
     tensors = collections.OrderedDict()
     inv_freq = None
     for name, orig in names.items():
-        value = _to_numpy(state[orig])
+        value = to_numpy(state[orig])
         if name == ROTARY_BUFFER:
             inv_freq = value
         else:
@@ -340,7 +235,7 @@ def _from_mapping(raw: Mapping, source: str, fmt: str) -> TorchCheckpoint:
         ck.epoch = int(full.get("epoch", 0) or 0)
         ema = full.get("ema")
         if isinstance(ema, Mapping) and "shadow_params" in ema:
-            ck.ema = [_to_numpy(t) for t in ema["shadow_params"]]
+            ck.ema = [to_numpy(t) for t in ema["shadow_params"]]
             ck.ema_decay = float(ema["decay"]) if "decay" in ema else None
             ck.ema_num_updates = int(ema["num_updates"]) if "num_updates" in ema else None
         elif ema is not None:
@@ -457,15 +352,7 @@ def describe_recipe(recipe: dict | None) -> str:
 # ============================================================================ the model config
 
 
-def describe_layout(config) -> str:
-    cfg = model_lib.resolve_config(config)
-    name = "FMLM (two-time)" if cfg.two_time else "FLM (one-time)"
-    if cfg.learnable_loss_weighting:
-        name += " + learnable loss weighting"
-    return f"{name}, {len(reference_names(cfg))} tensors"
-
-
-def _inferred_fields(ck: TorchCheckpoint) -> dict:
+def inferred_fields(ck: TorchCheckpoint) -> dict:
     """Every model-config field the tensors determine (n_heads only via the rotary buffer)."""
     t = ck.tensors
     emb = t["vocab_embed.embedding"]
@@ -497,12 +384,6 @@ def _inferred_fields(ck: TorchCheckpoint) -> dict:
     if ck.inv_freq is not None:
         fields["n_heads"] = _heads_from_rotary(ck.inv_freq, hidden, ck.source)
     return fields
-
-
-def rotary_inv_freq(head_dim: int) -> np.ndarray:
-    """The reference buffer 1/10000^(2j/head_dim), j < head_dim/2, float32 as torch computes it."""
-    exponent = np.arange(0, head_dim, 2).astype(np.float32) / np.float32(head_dim)
-    return (np.float32(1.0) / np.float32(model_lib.ROPE_BASE) ** exponent).astype(np.float32)
 
 
 def _heads_from_rotary(inv_freq: np.ndarray, hidden: int, source: str) -> int:
@@ -541,7 +422,7 @@ def checkpoint_config(ck: TorchCheckpoint, config=None, n_heads: int | None = No
     from the rotary buffer of a `.ckpt` (head_dim = 2·len(inv_freq)), and all that are
     given must agree.
     """
-    found = _inferred_fields(ck)
+    found = inferred_fields(ck)
     _check_vocab(found["vocab_size"], expected_vocab_size, ck.source)
     if n_heads is not None and "n_heads" in found and int(n_heads) != found["n_heads"]:
         raise ValueError(
@@ -628,15 +509,15 @@ def _ema_state_dict(ck: TorchCheckpoint, cfg) -> collections.OrderedDict:
     return named
 
 
-def _check_weights(weights: str) -> str:
+def check_weights(weights: str) -> str:
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
     return weights
 
 
-def _weight_sets(ck: TorchCheckpoint, cfg, weights: str) -> dict:
+def weight_sets(ck: TorchCheckpoint, cfg, weights: str) -> dict:
     """{'raw': params, 'ema': params} as stored for `weights` (see `torch_to_orbax`)."""
-    _check_weights(weights)
+    check_weights(weights)
     if ck.format == "safetensors":
         # One set of tensors; `weights` says which it is (our files record it).
         if ck.weights_label is not None and ck.weights_label != weights:
@@ -665,9 +546,9 @@ def load_torch(src, config=None, weights: str = "ema", n_heads: int | None = Non
     """
     ck = read_torch_checkpoint(src)
     cfg = checkpoint_config(ck, config, n_heads, expected_vocab_size)
-    _check_weights(weights)
+    check_weights(weights)
     if ck.format == "safetensors":
-        return _weight_sets(ck, cfg, weights)[weights], cfg
+        return weight_sets(ck, cfg, weights)[weights], cfg
     if weights == "ema":
         return params_from_state_dict(_ema_state_dict(ck, cfg), cfg), cfg
     return params_from_state_dict(ck.tensors, cfg), cfg
@@ -694,8 +575,8 @@ def params_to_torch(
 
 def _torch_arrays(params: Mapping, config, include_buffers: bool) -> collections.OrderedDict:
     cfg = model_lib.resolve_config(config)
-    _check_tree(params, cfg, "params")
-    arrays = state_dict_from_params(_host(params), cfg)
+    model_lib.check_params(params, cfg, "params")
+    arrays = state_dict_from_params(model_lib.to_host(params), cfg)
     if not include_buffers:
         return arrays
     out = collections.OrderedDict()
@@ -706,86 +587,6 @@ def _torch_arrays(params: Mapping, config, include_buffers: bool) -> collections
             inserted = True
         out[name] = value
     return out
-
-
-def _host(tree):
-    """Every leaf as a host numpy array (jax arrays are fetched)."""
-    import jax
-
-    return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
-
-
-def _check_tree(params: Mapping, cfg, what: str) -> None:
-    import jax
-
-    want = model_lib.param_shapes(cfg)
-    got_paths = {jax.tree_util.keystr(p): np.shape(x)
-                 for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-    want_paths = {jax.tree_util.keystr(p): tuple(x.shape)
-                  for p, x in jax.tree_util.tree_flatten_with_path(want)[0]}
-    if got_paths != want_paths:
-        missing = sorted(set(want_paths) - set(got_paths))[:4]
-        extra = sorted(set(got_paths) - set(want_paths))[:4]
-        shapes = [f"{k}: {got_paths[k]} vs {want_paths[k]}" for k in sorted(got_paths)
-                  if k in want_paths and got_paths[k] != want_paths[k]][:4]
-        raise ValueError(
-            f"{what} do not fit the model config ({describe_layout(cfg)}): missing {missing}, "
-            f"unexpected {extra}, shape mismatches {shapes}"
-        )
-
-
-# ============================================================================ atomic outputs
-
-
-def _check_free(path: str, overwrite: bool) -> None:
-    if os.path.lexists(path) and not overwrite:
-        raise FileExistsError(
-            f"{path} already exists; pass --overwrite (overwrite=True) to replace it"
-        )
-
-
-def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    elif os.path.lexists(path):
-        os.remove(path)
-
-
-@contextlib.contextmanager
-def _atomic_output(path, overwrite: bool = False):
-    """Yields a temporary path beside `path`; renames it to `path` on success only.
-
-    On any error the temporary path and the parent directories this created are removed,
-    and an existing `path` is left as it was.
-    """
-    path = os.path.abspath(os.fspath(path))
-    _check_free(path, overwrite)
-    parent = os.path.dirname(path)
-    created = []
-    probe = parent
-    while not os.path.exists(probe):
-        created.append(probe)
-        probe = os.path.dirname(probe)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        yield tmp
-        if not os.path.lexists(tmp):
-            raise RuntimeError(f"internal error: nothing was written to {tmp}")
-        if os.path.lexists(path):
-            _check_free(path, overwrite)
-            old = f"{tmp}.old"
-            os.rename(path, old)
-            os.rename(tmp, path)
-            _remove(old)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        for directory in created:  # innermost first
-            with contextlib.suppress(OSError):
-                os.rmdir(directory)
-        raise
 
 
 # ============================================================================ writing torch
@@ -826,7 +627,7 @@ def save_torch_checkpoint(path, params_raw: Mapping, params_ema: Mapping | None,
         "loops": {"fit_loop": {"epoch_progress": {"current": {"completed": 0}},
                                "epoch_loop.batch_progress": {"current": {"completed": 0}}}},
     })
-    with _atomic_output(path, overwrite) as tmp:
+    with atomic.atomic_output(path, overwrite) as tmp:
         torch.save(ckpt, tmp)
     return os.path.abspath(os.fspath(path))
 
@@ -841,12 +642,12 @@ def save_safetensors(path, params: Mapping, config, weights: str = "ema", step: 
     arrays = _torch_arrays(params, cfg, include_buffers=True)
     metadata = {
         "format": "pt",
-        "producer": FORMAT,
-        "weights": _check_weights(weights),
+        "producer": PRODUCER,
+        "weights": check_weights(weights),
         "global_step": str(int(step)),
-        "model_config": json.dumps(_config_json(cfg), sort_keys=True),
+        "model_config": json.dumps(model_lib.config_json(cfg), sort_keys=True),
     }
-    with _atomic_output(path, overwrite) as tmp:
+    with atomic.atomic_output(path, overwrite) as tmp:
         save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp, metadata=metadata)
     return os.path.abspath(os.fspath(path))
 
@@ -854,286 +655,3 @@ def save_safetensors(path, params: Mapping, config, weights: str = "ema", step: 
 # ============================================================================ Orbax
 
 
-def _config_json(cfg) -> dict:
-    return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in cfg.to_dict().items()}
-
-
-def save_orbax(out_dir, params_raw: Mapping | None, params_ema: Mapping | None, model_config,
-               step: int = 0, *, source: str | None = None, epoch: int = 0,
-               ema_decay: float | None = None, ema_num_updates: int | None = None,
-               overwrite: bool = False, recipe: dict | None = None) -> str:
-    """Writes `out_dir/<step>/{params, meta}` with an Orbax CheckpointManager, atomically.
-
-    params: {'raw': ..., 'ema': ...} (either may be None, not both), host numpy arrays;
-    meta: JSON {format, model_config, step, weights, ema, source, num_params}, so that
-    `load_orbax(out_dir)` needs no flags. Returns the step directory.
-    """
-    import orbax.checkpoint as ocp
-
-    cfg = model_lib.resolve_config(model_config)
-    sets = {name: p for name, p in (("raw", params_raw), ("ema", params_ema)) if p is not None}
-    if not sets:
-        raise ValueError("save_orbax needs params_raw, params_ema or both")
-    for name, params in sets.items():
-        _check_tree(params, cfg, f"params_{name}")
-    sets = {name: _host(params) for name, params in sets.items()}
-    meta = {
-        "format": FORMAT,
-        "model_config": _config_json(cfg),
-        "layout": describe_layout(cfg),
-        "step": int(step),
-        "epoch": int(epoch),
-        "weights": sorted(sets),
-        "ema": None if "ema" not in sets else {
-            "decay": float(DEFAULT_EMA_DECAY if ema_decay is None else ema_decay),
-            "num_updates": int(step if ema_num_updates is None else ema_num_updates),
-        },
-        "source": source,
-        "recipe": recipe,
-        "num_params": model_lib.count_params(next(iter(sets.values()))),
-    }
-    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True)
-    with _atomic_output(out_dir, overwrite) as tmp:
-        with ocp.CheckpointManager(tmp, options=options, item_handlers=_item_handlers()) as mngr:
-            mngr.save(int(step), args=ocp.args.Composite(
-                params=ocp.args.PyTreeSave(sets), meta=ocp.args.JsonSave(meta)))
-            mngr.wait_until_finished()
-    return os.path.join(os.path.abspath(os.fspath(out_dir)), str(int(step)))
-
-
-def _item_handlers() -> dict:
-    import orbax.checkpoint as ocp
-
-    return {"params": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-
-
-def _orbax_location(directory) -> tuple[str, int | None]:
-    """(manager root, step) for a converted checkpoint or one of its step directories."""
-    path = os.path.abspath(os.fspath(directory))
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"Orbax checkpoint {path} does not exist")
-    if not os.path.isdir(path):
-        raise ValueError(f"{path} is a file, not an Orbax checkpoint directory")
-    base = os.path.basename(path)
-    if os.path.isdir(os.path.join(path, "meta")) and base.isdigit():
-        return os.path.dirname(path), int(base)
-    return path, None
-
-
-@contextlib.contextmanager
-def _open_orbax(directory, step: int | None = None):
-    import orbax.checkpoint as ocp
-
-    root, found_step = _orbax_location(directory)
-    step = found_step if step is None else int(step)
-    options = ocp.CheckpointManagerOptions(create=False)
-    with ocp.CheckpointManager(root, options=options, item_handlers=_item_handlers()) as mngr:
-        steps = mngr.all_steps()
-        if not steps:
-            raise ValueError(f"{root} holds no Orbax checkpoint steps (no <step>/params, meta)")
-        if step is None:
-            step = mngr.latest_step()
-        elif step not in steps:
-            raise ValueError(f"{root} has no step {step}; it has {sorted(steps)}")
-        yield mngr, step
-
-
-def orbax_metadata(directory, step: int | None = None) -> dict:
-    """The `meta` item of a converted checkpoint (latest step unless `step` is given)."""
-    import orbax.checkpoint as ocp
-
-    with _open_orbax(directory, step) as (mngr, step):
-        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{directory} step {step} has no {FORMAT} metadata")
-    return meta
-
-
-def load_orbax(directory, weights: str = "ema", step: int | None = None) -> tuple[dict, Any]:
-    """(params, model config) from `save_orbax`'s output; params are host numpy arrays.
-
-    directory: the checkpoint root (latest step) or a step directory. weights: 'ema' or
-    'raw'; only that set is read (Orbax partial restore).
-    """
-    import jax
-    import ml_collections
-    import orbax.checkpoint as ocp
-
-    _check_weights(weights)
-    meta = orbax_metadata(directory, step)
-    cfg = model_lib.resolve_config(ml_collections.ConfigDict(meta["model_config"]))
-    if weights not in meta["weights"]:
-        other = [w for w in meta["weights"] if w != weights]
-        raise ValueError(
-            f"{directory} holds no {weights} weights (it has {meta['weights']}); "
-            f"pass weights={other[0]!r} (--weights {other[0]})"
-        )
-    shapes = model_lib.param_shapes(cfg)
-    dtype = np.dtype(cfg.param_dtype)
-    target = {weights: jax.tree_util.tree_map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, dtype), shapes)}
-    restore_args = jax.tree_util.tree_map(
-        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-    with _open_orbax(directory, meta["step"] if step is None else step) as (mngr, step):
-        restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
-            item=target, restore_args=restore_args, partial_restore=True)))
-    return restored["params"][weights], cfg
-
-
-# ============================================================================ conversions
-
-
-def torch_to_orbax(src, out_dir, config=None, weights: str = "ema", n_heads: int | None = None,
-                   expected_vocab_size: int | None = None, overwrite: bool = False) -> dict:
-    """Converts a reference checkpoint to Orbax; returns the written `meta` plus a summary.
-
-    weights='ema' (default): the checkpoint must have an EMA; raw and EMA are both stored.
-    weights='raw': the raw weights only. A safetensors file holds one set, which
-    `weights` names. Nothing is written if any check fails.
-    """
-    out = os.path.abspath(os.fspath(out_dir))
-    _check_weights(weights)
-    _check_free(out, overwrite)
-    ck = read_torch_checkpoint(src)
-    cfg = checkpoint_config(ck, config, n_heads, expected_vocab_size)
-    recipe = training_recipe(ck.hyper_parameters, cfg.two_time, ck.source)
-    sets = _weight_sets(ck, cfg, weights)
-    step_dir = save_orbax(
-        out, sets.get("raw"), sets.get("ema"), cfg, ck.global_step, source=ck.source,
-        epoch=ck.epoch, ema_decay=ck.ema_decay, ema_num_updates=ck.ema_num_updates,
-        overwrite=overwrite, recipe=recipe,
-    )
-    return {"step_dir": step_dir, "checkpoint": ck, "config": cfg, "weights": sorted(sets),
-            "recipe": recipe}
-
-
-def orbax_to_torch(src_dir, out, weights: str = "ema", overwrite: bool = False) -> dict:
-    """Writes `out` (.ckpt or .safetensors) from a converted Orbax checkpoint.
-
-    .ckpt: the raw weights as the state_dict, and with weights='ema' (default) the EMA
-    as `ema.shadow_params`; weights='raw' omits the EMA. .safetensors: the one set named
-    by `weights`.
-    """
-    out = os.path.abspath(os.fspath(out))
-    _check_weights(weights)
-    if not out.endswith((".ckpt", ".safetensors")):
-        raise ValueError(f"output {out} must end with .ckpt (Lightning) or .safetensors (HF)")
-    _check_free(out, overwrite)
-    meta = orbax_metadata(src_dir)
-    if out.endswith(".safetensors"):
-        params, cfg = load_orbax(src_dir, weights)
-        save_safetensors(out, params, cfg, weights, meta["step"], overwrite)
-        return {"meta": meta, "weights": [weights], "out": out}
-    if "raw" not in meta["weights"]:
-        raise ValueError(
-            f"{src_dir} holds no raw weights (only {meta['weights']}), which a .ckpt's "
-            "state_dict needs; write a .safetensors file instead"
-        )
-    raw, cfg = load_orbax(src_dir, "raw")
-    ema = load_orbax(src_dir, "ema")[0] if weights == "ema" else None  # errors if absent
-    ema_meta = meta.get("ema") or {}
-    save_torch_checkpoint(out, raw, ema, cfg, meta["step"], meta.get("epoch", 0),
-                          ema_meta.get("decay"), ema_meta.get("num_updates"), overwrite)
-    return {"meta": meta, "weights": ["raw"] + (["ema"] if ema is not None else []), "out": out}
-
-
-# ============================================================================ the CLI
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m fmlm_jax.convert",
-        description="Convert FLM/FMLM checkpoints between the reference PyTorch layout "
-        "(Lightning .ckpt, HF .safetensors) and Orbax (SPEC §7).",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    t2o = sub.add_parser(
-        "torch-to-orbax", help="a .ckpt / .safetensors file → an Orbax checkpoint directory",
-        description="Reads a reference checkpoint, infers the model config from its tensors "
-        "(vocab, width, cond dim, depth, two-time, loss weighting), and writes DIR/<step>/"
-        "{params,meta} with raw and EMA weights.",
-    )
-    t2o.add_argument("--src", required=True, help="a Lightning .ckpt or HF .safetensors file")
-    t2o.add_argument("--out", required=True, help="the Orbax directory to create")
-    t2o.add_argument(
-        "--weights", choices=WEIGHTS, default="ema",
-        help="ema (default): store the raw weights and the EMA, which must exist; raw: "
-        "store the raw weights only. A safetensors file holds one set: this names it.",
-    )
-    t2o.add_argument(
-        "--n-heads", type=int, default=None,
-        help="attention heads (not visible in weight shapes). The published checkpoints "
-        "(lm1b_flm, lm1b_fmlm, owt_flm, owt_fmlm) are all DiT-small = 12 heads. Needed for "
-        "safetensors; a .ckpt's rotary buffer gives it (and is checked against this).",
-    )
-    t2o.add_argument(
-        "--size", choices=sorted(model_lib.MODEL_SIZES), default=None,
-        help="check the tensors against a SPEC size (small = 768 wide, 12 blocks, 12 heads, "
-        "cond 128) and take its head count",
-    )
-    t2o.add_argument(
-        "--vocab-size", type=int, default=None,
-        help="expected vocabulary size: 30522 (bert-base-uncased, LM1B) or 50258 "
-        "(gpt2 + [PAD], OWT); a mismatch is an error",
-    )
-    t2o.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-
-    o2t = sub.add_parser(
-        "orbax-to-torch", help="an Orbax checkpoint directory → a .ckpt or .safetensors file",
-        description="Writes a .ckpt in the released layout (state_dict with backbone. keys and "
-        "the rotary buffer, ema.shadow_params in reference order) or HF-style safetensors.",
-    )
-    o2t.add_argument("--src", required=True, help="an Orbax directory written by torch-to-orbax "
-                     "or save_orbax (or one of its step directories)")
-    o2t.add_argument("--out", required=True, help="Y.ckpt or Y.safetensors")
-    o2t.add_argument(
-        "--weights", choices=WEIGHTS, default="ema",
-        help=".ckpt: ema (default) writes raw + EMA, raw omits the EMA; .safetensors: "
-        "which set to write",
-    )
-    o2t.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    return parser
-
-
-def _config_line(cfg) -> str:
-    return (f"vocab {cfg.vocab_size}, width {cfg.hidden_size}, cond {cfg.cond_dim}, "
-            f"{cfg.n_blocks} blocks, {cfg.n_heads} heads, mlp ratio {cfg.mlp_ratio}")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        if args.command == "torch-to-orbax":
-            _check_free(os.path.abspath(args.out), args.overwrite)
-            ck = read_torch_checkpoint(args.src)
-            config = None
-            if args.size is not None:
-                found = _inferred_fields(ck)
-                config = model_lib.model_config(
-                    args.size, found["vocab_size"], two_time=found["two_time"],
-                    learnable_loss_weighting=found["learnable_loss_weighting"])
-            result = torch_to_orbax(ck, args.out, config, args.weights, args.n_heads,
-                                    args.vocab_size, args.overwrite)
-            cfg = result["config"]
-            print(f"read {ck.source} ({ck.format}): {describe_layout(cfg)}, step {ck.global_step}"
-                  + ("" if ck.ema is None else f", EMA of {len(ck.ema)} tensors"))
-            print(f"recipe: {describe_recipe(result['recipe'])}")
-            for note in ck.notes + ([f"dropped {len(ck.dropped)} non-backbone/teacher tensors"]
-                                    if ck.dropped else []):
-                print(f"  note: {note}")
-            heads = ("the rotary buffer" if ck.inv_freq is not None
-                     else "--size" if args.size else "--n-heads")
-            print(f"model: {_config_line(cfg)} (heads from {heads})")
-            print(f"wrote {result['step_dir']} (params: {', '.join(result['weights'])}; meta)")
-        else:
-            result = orbax_to_torch(args.src, args.out, args.weights, args.overwrite)
-            print(f"read {args.src}: {result['meta']['layout']}, step {result['meta']['step']}")
-            print(f"wrote {result['out']} ({', '.join(result['weights'])} weights)")
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
