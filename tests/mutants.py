@@ -39,8 +39,12 @@ class Mutant:
 
 DISTILL = "fmlm_jax/objectives/distill/"
 ASSEMBLY = "tests/test_distill.py::test_distill_loss_equals_the_numpy_assembly_of_the_spec"
+TIMES = "tests/test_distill.py::test_times_follow_their_distributions"
+ACCUMULATION = "tests/test_train.py::test_accumulated_gradient_equals_the_full_batch_gradient[fmlm]"
+RECIPE = "tests/test_train.py::test_train_step_is_a_hand_adamw_with_clip_warm_up_and_ema"
 
 MUTANTS = (
+    # --- the eight bugs that once passed the suite (issue #18)
     Mutant("psd_student_at_the_midpoint", DISTILL + "loss.py",
            "log_p = nets.student(r.x, r.tau_s, r.tau_t)", "log_p = nets.student(r.x, r.tau_s, r.tau_u)",
            (ASSEMBLY,), "the PSD student evaluated at (τ_s, τ_u) instead of (τ_s, τ_t)"),
@@ -57,8 +61,74 @@ MUTANTS = (
     Mutant("lsd_divides_by_dtau_dt", DISTILL + "targets.py",
            "d_delta_dt = delta * jax.lax.stop_gradient(dlog_p_dtau) * rows(dtau_dt_t)",
            "d_delta_dt = delta * jax.lax.stop_gradient(dlog_p_dtau) / rows(dtau_dt_t)",
-           (ASSEMBLY, "tests/test_distill.py::test_lsd_target_equals_the_exact_two_time_denoiser"),
+           (ASSEMBLY, "tests/test_distill.py::test_lsd_target_with_a_non_identity_schedule"),
            "LSD divides by dτ/dt instead of multiplying"),
+    Mutant("uniform_st_instead_of_uniform_diff", DISTILL + "rows.py",
+           "off_s, off_t = offdiag_times(k_off, n_off, dc.offdiag_sampling)",
+           'off_s, off_t = offdiag_times(k_off, n_off, "uniform_st")',
+           (TIMES,), "off-diagonal times always drawn as two sorted uniforms"),
+    Mutant("diagonal_tau_fixed_at_one_half", DISTILL + "rows.py",
+           "diag = antithetic_uniform(k_diag, n_diag)", "diag = jnp.full((n_diag,), 0.5)",
+           (TIMES,), "the diagonal rows all at τ = 0.5"),
+    Mutant("projected_noise_uses_c_not_c_transposed", "fmlm_jax/interpolant.py",
+           'noise = jnp.einsum("bld,de->ble", eps_d.astype(jnp.float32), noise_factor_t(embedding))',
+           'noise = jnp.einsum("bld,de->ble", eps_d.astype(jnp.float32), noise_factor_t(embedding).T)',
+           ("tests/test_interpolant.py::test_projected_noise_has_the_dense_covariance",),
+           "projected noise ε̃·C instead of ε̃·Cᵀ (the wrong covariance)"),
+    Mutant("residual_stream_in_bf16", "fmlm_jax/model.py",
+           "h = h + (gate1 * o).astype(jnp.float32)  # the residual stream stays float32",
+           "h = (h + gate1 * o).astype(self.dtype)",
+           ("tests/test_model.py::test_bf16_policy_keeps_the_residual_stream_layernorms_and_outputs_float32",),
+           "the residual stream stored in bf16 under the bf16 policy"),
+    # --- one per fidelity item (issue #12) and per recipe piece (issue #18)
+    Mutant("row_split_per_micro_batch", "fmlm_jax/train.py",
+           "micro = jax.tree_util.tree_map(lambda x: _micro_batches(x, n), (batch, plan))",
+           "micro = (jax.tree_util.tree_map(lambda x: _micro_batches(x, n), batch), jax.vmap("
+           "lambda k: objective.draw_plan(k, batch['tokens'].shape[0] // n, config))("
+           "jax.random.split(k_plan, n)))",
+           (ACCUMULATION,), "gradient accumulation draws times and rows per micro-batch (no boundary rows)"),
+    Mutant("one_shared_antithetic_offset", "fmlm_jax/objectives/flm.py",
+           "u = jax.random.uniform(k_offset, (n,))", "u = jnp.full((n,), jax.random.uniform(k_offset))",
+           ("tests/test_flm.py::test_antithetic_uniform_draws_one_offset_per_stratum",),
+           "one antithetic offset shared by all strata instead of one per stratum"),
+    Mutant("bf16_attention_scores", "fmlm_jax/model.py",
+           'scores = jnp.einsum("blhd,bmhd->bhlm", q, k, preferred_element_type=jnp.float32)',
+           'scores = jnp.einsum("blhd,bmhd->bhlm", q, k).astype(jnp.float32)',
+           ("tests/test_model.py::test_bf16_attention_scores_are_accumulated_in_float32",),
+           "QKᵀ accumulated in bf16"),
+    Mutant("decoding_without_the_clean_up", "fmlm_jax/data/tokenizers.py",
+           "return [clean_up_tokenization(text) for text in texts]", "return list(texts)",
+           ("tests/test_data.py::test_decoding_keeps_special_tokens_and_cleans_up_like_transformers_4",),
+           "samples decoded without the transformers-4 clean-up"),
+    Mutant("detokenizer_joins_negations", "fmlm_jax/data/sources.py",
+           '    ("replace", "http : / / ", "http://"),',
+           '    ("replace", " n\'t", "n\'t"),\n    ("replace", "http : / / ", "http://"),',
+           ("tests/test_data.py::test_lm1b_detokenizer_has_no_negation_rule",), "an added \"n't\" rule"),
+    Mutant("ema_targets_with_dropout", DISTILL + "loss.py",
+           'ema = network("ema", ema_params, mc) if _ema_targets(config) else None',
+           'ema = network("ema", ema_params, mc, train=True, rng=k_target1) '
+           'if _ema_targets(config) else None',
+           (ASSEMBLY,), "PSD's EMA targets evaluated in train mode (dropout)"),
+    Mutant("entmax_alpha_read_as_a_temperature", DISTILL + "targets.py",
+           "    if alpha == 2.0:\n        return sparsemax(z)",
+           "    if alpha >= 1.0:\n        return sparsemax(z / alpha)",
+           (ASSEMBLY,), "entmax_temp_lsd used as a temperature of sparsemax"),
+    Mutant("adam_betas_swapped", "fmlm_jax/train.py",
+           "b1=train_config.b1,", "b1=train_config.b2,", (RECIPE,), "AdamW given β₂ as β₁"),
+    Mutant("no_gradient_clip", "fmlm_jax/train.py",
+           "optax.clip_by_global_norm(train_config.grad_clip),", "optax.identity(),",
+           (RECIPE,), "the global-norm clip dropped"),
+    Mutant("ema_decay_without_warm_up", "fmlm_jax/train.py",
+           "return jnp.minimum(max_decay, (1.0 + n) / (10.0 + n))",
+           "return jnp.asarray(max_decay, jnp.float32)",
+           (RECIPE,), "the EMA decay without its (1 + n)/(10 + n) warm-up"),
+    Mutant("legacy_sd_read_as_flm", "fmlm_jax/convert/torch_io.py",
+           'LOSS_TYPES = {"sd": "psd",', 'LOSS_TYPES = {"sd_": "psd",',
+           ("tests/test_convert.py::test_released_legacy_hyper_parameters_are_reported",),
+           "the released training.loss_type=sd not recognised as FMLM-PSD"),
+    Mutant("sharding_imports_train", "fmlm_jax/sharding.py",
+           "\nimport jax\n", "\nimport jax\n\nfrom fmlm_jax import train  # noqa: F401\n",
+           ("tests/test_package.py",), "an import cycle (sharding ↔ train)"),
 )
 
 

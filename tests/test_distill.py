@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 import scipy.optimize
+import scipy.stats
 from conftest import randomize, tiny_model_config
 
 from fmlm_jax import interpolant
@@ -117,6 +118,36 @@ def test_esd_target_equals_the_exact_two_time_denoiser():
     np.testing.assert_allclose(target, delta, atol=5e-4)
 
 
+# The same exact model with network time τ = t² (t = √τ, dτ/dt = 2t): every chain-rule factor
+# of the LSD/ESD targets now matters (with τ = t a wrong or missing dτ/dt goes unnoticed).
+
+
+def exact_log_delta_tau(x, tau_s, tau_t):
+    return exact_log_delta(x, jnp.sqrt(tau_s), jnp.sqrt(tau_t))
+
+
+def test_lsd_target_with_a_non_identity_schedule():
+    x = noisy_points(S, seed=2)
+
+    def log_d(x, tau_s, tau_t):  # D_t of the network time τ_t = t²
+        return jnp.log(jnp.clip(exact_denoiser(x, jnp.sqrt(tau_t)), 1e-30, None))
+
+    log_p, target = targets.lsd_target(exact_log_delta_tau, log_d, x, S**2, T**2, S, T, 2.0 * T)
+    np.testing.assert_allclose(target, jnp.exp(log_p), atol=5e-4)
+    _, wrong = targets.lsd_target(exact_log_delta_tau, log_d, x, S**2, T**2, S, T, 2.0 * S)
+    assert float(jnp.abs(wrong - jnp.exp(log_p)).max()) > 5e-3  # dτ/dt at s is detectably wrong
+
+
+def test_esd_target_with_a_non_identity_schedule():
+    x = noisy_points(S, seed=3)
+    delta, target = targets.esd_target(exact_log_delta_tau, exact_denoiser(x, S), x, S**2, T**2, S, T,
+                                       2.0 * S)
+    np.testing.assert_allclose(target, delta, atol=5e-4)
+    _, wrong = targets.esd_target(exact_log_delta_tau, exact_denoiser(x, S), x, S**2, T**2, S, T,
+                                  1.0 / (2.0 * S))
+    assert float(jnp.abs(wrong - delta).max()) > 5e-3  # dividing by dτ/dt is detectably wrong
+
+
 def test_esd_target_is_zero_coefficient_on_boundary_rows():
     x = noisy_points(S[:2])
     d_s = exact_denoiser(x, S[:2])
@@ -195,6 +226,30 @@ def test_sampled_times_are_ordered_and_laid_out(sampling):
     np.testing.assert_array_equal(tau_t[n_diag:n_diag + n_bnd], 1.0)
     assert np.all(tau_s <= tau_t) and np.all((0 <= tau_s) & (tau_t <= 1))
     np.testing.assert_allclose(tau_u, (tau_s + tau_t) / 2)
+
+
+@pytest.mark.parametrize("sampling", ["uniform_diff", "uniform_st"])
+def test_times_follow_their_distributions(sampling):
+    # SPEC §5 by distribution, over many draws of a 64-row plan (P = 4: 32 / 8 / 24 rows).
+    cfg = ml_collections.ConfigDict(dict(distill=_distill_config(offdiag_sampling=sampling)))
+    plans = [distill.draw_plan(jax.random.key(seed), 64, cfg) for seed in range(150)]
+    tau_s = np.concatenate([np.asarray(p["tau_s"])[None] for p in plans]).astype(np.float64)
+    tau_t = np.concatenate([np.asarray(p["tau_t"])[None] for p in plans]).astype(np.float64)
+    assert distill.split_rows(64, 0.5, 4.0) == (32, 8, 24)
+    diag, off = slice(0, 32), slice(40, 64)
+    # Diagonal rows: antithetic, one τ in each of the 32 strata, uniform within its stratum.
+    strata = np.sort(np.floor(tau_s[:, diag] * 32).astype(int), axis=1)
+    np.testing.assert_array_equal(strata, np.tile(np.arange(32), (len(plans), 1)))
+    assert scipy.stats.kstest(tau_s[:, diag].ravel(), "uniform").pvalue > 1e-3
+    # Boundary rows are exactly (0, 1).
+    assert np.all(tau_s[:, 32:40] == 0.0) and np.all(tau_t[:, 32:40] == 1.0)
+    gap, start = tau_t[:, off].ravel() - tau_s[:, off].ravel(), tau_s[:, off].ravel()
+    if sampling == "uniform_diff":  # the gap is U(0, 1); τ_s given the gap is U(0, 1 − gap)
+        assert scipy.stats.kstest(gap, "uniform").pvalue > 1e-3
+        assert scipy.stats.kstest(start / (1 - gap), "uniform").pvalue > 1e-3
+    else:  # two sorted uniforms: the gap has density 2(1 − g), CDF 1 − (1 − g)²
+        assert scipy.stats.kstest(gap, lambda g: 1 - (1 - g) ** 2).pvalue > 1e-3
+        assert scipy.stats.kstest(gap, "uniform").pvalue < 1e-6  # the two are told apart
 
 
 def test_sparsemax_projects_onto_the_simplex():
@@ -484,3 +539,29 @@ def test_distill_loss_equals_the_numpy_assembly_of_the_spec(variant, stand_in_ne
     n = len(tokens)
     counts = [round(float(got[f"rows_{k}"]) * n) for k in ("diagonal", "boundary", "offdiagonal")]
     assert counts == [3, 2, 4]
+
+
+def test_learnable_loss_weighting_reweights_every_token_of_the_distillation_loss():
+    # ℓ → e^{−w(τ_s)}·ℓ + w(τ_s) (SPEC §3.9). With the weighting's last layer at weight 0 and
+    # bias c, w ≡ c: the weighted loss must be e^{−c}·loss + c of the same student without it.
+    teacher_cfg = tiny_model_config(n_blocks=1)
+    teacher = randomize(init_params(teacher_cfg, jax.random.key(0)), jax.random.key(1))
+    llw_cfg = tiny_model_config(two_time=True, n_blocks=1, learnable_loss_weighting=True)
+    plain_cfg = tiny_model_config(two_time=True, n_blocks=1)
+    student = distill.init_student(teacher, llw_cfg, jax.random.key(2))
+    c = 0.7
+    student["learnable_loss_weighting"]["mlp_2"]["bias"] = jnp.full((1,), c)
+    plain = {k: v for k, v in student.items() if k != "learnable_loss_weighting"}
+    tokens, mask, times, _, n_diag = _rows_and_noise()
+    tokens = jnp.asarray(tokens % teacher_cfg.vocab_size)
+    noise = jax.random.normal(jax.random.key(3), (*tokens.shape, teacher_cfg.vocab_size))
+    times = tuple(jnp.asarray(x, jnp.float32) for x in times)
+
+    def metrics(params, model_cfg):
+        config = ml_collections.ConfigDict(dict(model=model_cfg, distill=_distill_config("psd")))
+        return distill.distill_loss_at(params, tokens, jnp.asarray(mask), times, noise, n_diag,
+                                       jax.random.key(4), config, teacher, train=False)[1]
+
+    weighted, unweighted = metrics(student, llw_cfg), metrics(plain, plain_cfg)
+    assert float(weighted["loss"]) == pytest.approx(np.exp(-c) * float(unweighted["loss"]) + c, rel=1e-5)
+    assert float(weighted["diag_loss"]) == pytest.approx(float(unweighted["diag_loss"]), rel=1e-5)

@@ -13,6 +13,7 @@ import os
 import re
 import sys
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -523,6 +524,38 @@ def test_bf16_compute_close_to_float32(two_time):
     # Parameters stay float32 under a bf16 compute policy.
     p16 = init_params(cfg16, jax.random.key(0))
     assert {x.dtype for x in jax.tree_util.tree_leaves(p16)} == {jnp.dtype(jnp.float32)}
+
+
+def test_bf16_policy_keeps_the_residual_stream_layernorms_and_outputs_float32():
+    # SPEC §3.8: under a bf16 compute policy the matmuls run in bf16, but the residual stream,
+    # the LayerNorms, the time embedding and the logits stay float32. The residual stream is
+    # what every LayerNorm reads (norm1 before attention, norm2 between attention and MLP,
+    # the final norm): their inputs are recorded as the model runs.
+    cfg = small_config(True, dtype="bfloat16")
+    params = random_params(cfg, seed=3)
+    z, tau_s, tau_t, _ = inputs(seed=4)
+    ln_inputs = {}
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, flax.linen.LayerNorm) and context.method_name == "__call__":
+            ln_inputs["/".join(context.module.path)] = args[0].dtype
+        return next_fun(*args, **kwargs)
+
+    args = (jnp.asarray(z), jnp.asarray(tau_s), jnp.asarray(tau_t))
+    with flax.linen.intercept_methods(record):
+        logits, state = DiT(cfg).apply({"params": params}, *args, capture_intermediates=True,
+                                       mutable=["intermediates"])
+    assert len(ln_inputs) == 2 * BLOCKS + 1 and set(ln_inputs.values()) == {jnp.dtype(jnp.float32)}, ln_inputs
+    found = {"/".join(path): leaf[0].dtype  # each captured module output (a 1-tuple)
+             for path, leaf in flax.traverse_util.flatten_dict(state["intermediates"]).items()}
+    block_outputs = {k: v for k, v in found.items() if re.fullmatch(r"blocks_\d+/__call__", k)}
+    norms = {k: v for k, v in found.items() if re.search(r"norm\w*/__call__", k)}
+    linears = {k: v for k, v in found.items()
+               if re.fullmatch(r"blocks_\d+/(attn_qkv|mlp_0|mlp_2|attn_out)/__call__", k)}
+    assert len(block_outputs) == BLOCKS and set(block_outputs.values()) == {jnp.dtype(jnp.float32)}
+    assert norms and set(norms.values()) == {jnp.dtype(jnp.float32)}, norms
+    assert linears and set(linears.values()) == {jnp.dtype(jnp.bfloat16)}, linears  # the policy is on
+    assert found["sigma_map/__call__"] == jnp.float32 and logits.dtype == jnp.float32
 
 
 def test_bf16_attention_scores_are_accumulated_in_float32():
