@@ -1,4 +1,5 @@
-"""FLM Euler sampler (SPEC §6) against a step-by-step numpy loop."""
+"""The samplers (SPEC §6) against step-by-step numpy loops, the projected samplers, and guidance
+(SPEC §11) on an exact toy model."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +8,7 @@ import pytest
 import scipy.special
 from conftest import randomize, tiny_model_config
 
-from fmlm_jax import interpolant
+from fmlm_jax import interpolant, model, rewards, sampling
 from fmlm_jax.model import DiT, init_params
 from fmlm_jax.sampling import flm_sample, fmlm_sample
 from fmlm_jax.schedule import Schedule
@@ -171,3 +172,175 @@ def test_projected_fmlm_sampler_with_noise_agrees_in_distribution():
     pb = np.bincount(projected.ravel(), minlength=cfg.vocab_size) / projected.size
     assert 0.5 * np.abs(pa - 1.0 / cfg.vocab_size).sum() > 0.15  # far from uniform: a real check
     assert 0.5 * np.abs(pa - pb).sum() < 0.04, 0.5 * np.abs(pa - pb).sum()
+
+
+# ----------------------------------------------------------------------------- guidance (SPEC §11)
+# An exact toy model: two-token phrases ("new york", "san diego", ...). The exact denoiser is the
+# posterior mean over the phrases, its two-time denoiser δ_{s,t} comes from the exact flow map
+# (RK4), so guided samples can be judged: a sample is valid if it is one of the phrases.
+
+PHRASES = ("new york", "san diego", "los angeles", "hong kong", "las vegas", "buenos aires",
+           "tel aviv", "kuala lumpur")
+WORDS = sorted({w for p in PHRASES for w in p.split()})
+PHRASE_IDS = np.array([[WORDS.index(w) for w in p.split()] for p in PHRASES])
+PK = len(WORDS)
+T_END = 0.995  # the exact flow is integrated to here (1 − t divides its velocity)
+
+
+def _posterior_mean(x, t):
+    onehots = jax.nn.one_hot(PHRASE_IDS, PK)
+    logits = jnp.einsum("blk,mlk->bm", x, onehots) * (t / (1.0 - t) ** 2)[:, None]
+    return jnp.einsum("bm,mlk->blk", jax.nn.softmax(logits, axis=-1), onehots)
+
+
+def _exact_delta(x, s, t, steps=60):
+    """δ_{s,t}(x) of the exact flow map, t capped at T_END."""
+    t = jnp.minimum(t, T_END)
+    h = (t - s) / steps
+    rows = lambda v: v[:, None, None]  # noqa: E731
+
+    def v(x, r):
+        return (_posterior_mean(x, r) - x) / rows(1.0 - r)
+
+    def step(i, x):
+        r = s + i * h
+        k1 = v(x, r)
+        k2 = v(x + rows(h / 2) * k1, r + h / 2)
+        k3 = v(x + rows(h / 2) * k2, r + h / 2)
+        k4 = v(x + rows(h) * k3, r + h)
+        return x + rows(h / 6) * (k1 + 2 * k2 + 2 * k3 + k4)
+
+    x_t = jax.lax.fori_loop(0, steps, step, x)
+    return (x_t - rows((1 - t) / (1 - s)) * x) * rows((1 - s) / (t - s))
+
+
+def exact_fmlm_denoiser():
+    sched = Schedule(PK)
+
+    def probs(z, tau_s, tau_t):
+        s, t = sched.tau_to_t(tau_s), sched.tau_to_t(tau_t)
+        same = jnp.abs(t - s) < 1e-6
+        delta = _exact_delta(z, s, jnp.where(same, s + 1e-3, t))
+        return jnp.where(same[:, None, None], _posterior_mean(z, s), delta)
+
+    return sampling.Denoiser(probs, probs, lambda d: d, sampling._dense_noise)
+
+
+def _phrase_stats(ids, target):
+    ids = np.asarray(ids)
+    valid = np.mean([tuple(row) in {tuple(p) for p in PHRASE_IDS} for row in ids])
+    return float(np.mean(np.all(ids == PHRASE_IDS[target], axis=1))), float(valid)
+
+
+@pytest.mark.parametrize("num_steps", [1, 2, 4])
+def test_keyword_guidance_raises_the_target_phrase_monotonically_and_keeps_samples_valid(num_steps):
+    target = PHRASES.index("san diego")
+    reward = rewards.keyword([WORDS.index("diego")], PK)
+    grid = sampling.fmlm_time_grid(PK, num_steps, 0.0)
+    z0 = jax.random.normal(jax.random.key(0), (400, 2, PK))
+    den = exact_fmlm_denoiser()
+    run = jax.jit(lambda z, guide: sampling.gamma_loop(den, z, grid, 0.0, jax.random.key(1), guide),
+                  static_argnums=1)
+    freqs, valids = [], []
+    for lam in (0.0, 0.1, 0.3, 1.0):
+        guide = None if lam == 0.0 else sampling.RewardGuidance(reward, lam)
+        freq, valid = _phrase_stats(run(z0, guide), target)
+        freqs.append(freq)
+        valids.append(valid)
+    assert freqs[0] < 0.25 and freqs[-1] > 0.6, freqs  # ~1/8 unguided
+    assert all(b >= a - 0.02 for a, b in zip(freqs, freqs[1:], strict=False)), freqs  # monotone in λ
+    assert min(valids) > 0.95, valids
+
+
+def test_the_reward_gradient_through_the_look_ahead_matches_finite_differences():
+    # The look-ahead δ_{τ_s,1}(z) of a (random) two-time network, and a keyword reward on it.
+    cfg = tiny_model_config(two_time=True, **SMALL)
+    params = randomize(init_params(cfg, jax.random.key(0)), jax.random.key(1))
+    den = sampling.network_denoiser(params, cfg)
+    reward = rewards.keyword([3, 7], cfg.vocab_size)
+    guide = sampling.RewardGuidance(reward, 1.0)
+    tau = jnp.full((3,), 0.3)
+
+    def total(z):
+        return float(reward(den.probs(z, tau, jnp.ones(3))).sum())
+
+    z = jax.random.normal(jax.random.key(2), (3, 5, cfg.vocab_size))
+    _, g, _ = sampling._reward_gradient(guide, lambda z: den.probs(z, tau, jnp.ones(3)), z)
+    assert float(jnp.abs(g).max()) > 1e-3
+    for seed in range(3):
+        direction = jax.random.normal(jax.random.key(10 + seed), z.shape)
+        h = 1e-2
+        fd = (total(z + h * direction) - total(z - h * direction)) / (2 * h)
+        assert float(jnp.sum(g * direction)) == pytest.approx(fd, rel=1e-2, abs=1e-3)
+
+
+@pytest.mark.parametrize("two_time", [False, True])
+@pytest.mark.parametrize("mode", ["P", "L"])
+def test_autoguidance_with_the_weak_model_equal_to_the_strong_one_is_the_identity(two_time, mode):
+    cfg = tiny_model_config(two_time=two_time, **SMALL)
+    params = randomize(init_params(cfg, jax.random.key(0)), jax.random.key(1))
+    sample = flm_sample if not two_time else (lambda *a, **k: fmlm_sample(*a[:4], 0.0, None, *a[4:], **k))
+    for projected in (False, True):
+        auto0 = sampling.AutoGuidance(cfg, 0.0, mode)
+        z0 = sampling.initial_noise(jax.random.key(2), 8, 5, cfg, projected, auto0)
+        base = sample(params, cfg, z0, 3, projected, auto=auto0, weak_params=params)
+        for eta in (1.0, 5.0):
+            auto = sampling.AutoGuidance(cfg, eta, mode)
+            guided = sample(params, cfg, z0, 3, projected, auto=auto, weak_params=params)
+            np.testing.assert_array_equal(guided, base)
+    # ... and at η = 0, with a different weak model, it is the unguided sampler.
+    weak = randomize(init_params(cfg, jax.random.key(5)), jax.random.key(6))
+    z0 = sampling.initial_noise(jax.random.key(2), 8, 5, cfg)
+    off = sample(params, cfg, z0, 3, False, auto=sampling.AutoGuidance(cfg, 0.0, mode), weak_params=weak)
+    np.testing.assert_array_equal(off, sample(params, cfg, z0, 3, False))
+
+
+def test_autoguidance_modes_on_and_off_the_simplex():
+    cfg = tiny_model_config(**SMALL)
+    strong = randomize(init_params(cfg, jax.random.key(0)), jax.random.key(1))
+    weak = randomize(init_params(cfg, jax.random.key(2)), jax.random.key(3))
+    z = jax.random.normal(jax.random.key(4), (4, 5, cfg.vocab_size))
+    tau = jnp.full((4,), 0.4)
+    logp = {}
+    for mode in ("P", "L"):
+        den = sampling.autoguided_denoiser(strong, cfg, weak, sampling.AutoGuidance(cfg, 3.0, mode))
+        logp[mode] = den.probs(z, tau, tau)
+    np.testing.assert_allclose(logp["L"].sum(-1), 1.0, atol=1e-5)  # mode L stays on the simplex
+    assert float(logp["L"].min()) >= 0.0
+    np.testing.assert_allclose(logp["P"].sum(-1), 1.0, atol=1e-5)  # mode P sums to 1 but leaves it
+    assert float(logp["P"].min()) < 0.0
+    s = jax.nn.softmax(model.denoiser_scores(strong, cfg)(z, tau), -1)
+    w = jax.nn.softmax(model.denoiser_scores(weak, cfg)(z, tau), -1)
+    np.testing.assert_allclose(logp["P"], s + 3.0 * (s - w), atol=1e-5)
+
+
+def test_projected_and_dense_autoguided_samplers_agree_in_distribution():
+    # A weak model of another width: the projected state carries both views of one z.
+    cfg = tiny_model_config(two_time=True, **SMALL)
+    weak_cfg = tiny_model_config(two_time=True, **{**SMALL, "hidden_size": 8})
+    strong = randomize(init_params(cfg, jax.random.key(0)), jax.random.key(1))
+    weak = randomize(init_params(weak_cfg, jax.random.key(2)), jax.random.key(3))
+    auto = sampling.AutoGuidance(weak_cfg, 2.0, "L")
+    counts = {}
+    for projected in (False, True):
+        z0 = sampling.initial_noise(jax.random.key(4), 1500, 6, cfg, projected, auto)
+        ids = fmlm_sample(strong, cfg, z0, 3, 0.8, jax.random.key(5), projected, auto=auto, weak_params=weak)
+        counts[projected] = np.bincount(np.asarray(ids).ravel(), minlength=cfg.vocab_size) / ids.size
+    assert 0.5 * np.abs(counts[True] - counts[False]).sum() < 0.06
+
+
+def test_guidance_refusals():
+    cfg = tiny_model_config(**SMALL)
+    params = randomize(init_params(cfg, jax.random.key(0)), jax.random.key(1))
+    z0 = sampling.initial_noise(jax.random.key(2), 2, 4, cfg)
+    with pytest.raises(ValueError, match="needs weak_params"):
+        flm_sample(params, cfg, z0, 2, auto=sampling.AutoGuidance(cfg, 1.0))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        flm_sample(params, cfg, z0, 2, auto=sampling.AutoGuidance(cfg, 1.0, "Q"), weak_params=params)
+    other = tiny_model_config(**{**SMALL, "vocab_size": 41})
+    with pytest.raises(ValueError, match="share the strong model's vocabulary"):
+        flm_sample(params, cfg, z0, 2, auto=sampling.AutoGuidance(other, 1.0), weak_params=params)
+    guide = sampling.RewardGuidance(rewards.keyword([1], cfg.vocab_size), 1.0)
+    with pytest.raises(ValueError, match="dense states"):
+        flm_sample(params, cfg, sampling.initial_noise(jax.random.key(2), 2, 4, cfg, True), 2, True,
+                   reward=guide)
