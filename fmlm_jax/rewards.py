@@ -214,8 +214,13 @@ def parse(spec: str, tokenizer, vocab_size: int):
     if kind == "classifier" and ":" in rest:
         directory, label = rest.rsplit(":", 1)
         params, config = load_classifier(directory)
-        labels = config.get("labels") or []
-        return classifier_reward(params, config, labels.index(label) if label in labels else int(label))
+        labels = list(config.get("labels") or [])
+        if label in labels:
+            return classifier_reward(params, config, labels.index(label))
+        if not label.isdigit() or int(label) >= int(config["num_classes"]):
+            raise ValueError(f"--reward {spec!r}: label {label!r} is not one of the classifier's labels "
+                             f"{labels} nor an index below {config['num_classes']}")
+        return classifier_reward(params, config, int(label))
     if kind == "gpt2" and rest:
         return gpt2_fluency(rest)
     if kind == "hf-classifier" and ":" in rest:

