@@ -61,14 +61,24 @@ def keyword(token_ids: Sequence[int], vocab_size: int, smooth_max: bool = True):
 
 
 def keyword_token_ids(words: Sequence[str], tokenizer) -> list[int]:
-    """Token ids of each word as the model's tokenizer spells it (a word of several tokens
-    contributes all of them), with and without a leading space (byte-level BPE)."""
-    ids = set()
+    """Ids of the tokens that spell a whole word: the word as one token, bare or after a space,
+    lower-case or capitalised (byte-level BPE has a token for each). A word the tokenizer
+    splits in every spelling is refused: rewarding its pieces ('l', 've') would reward every
+    word that shares them, and guidance would fill the sequence with those pieces."""
+    ids, split = set(), {}
     for word in words:
-        for form in (word, " " + word):
-            ids.update(tokenizer(form, add_special_tokens=False)["input_ids"])
-    if not ids:
-        raise ValueError(f"the words {list(words)} give no tokens")
+        found = set()
+        for form in {word, " " + word, word.capitalize(), " " + word.capitalize()}:
+            pieces = tokenizer(form, add_special_tokens=False)["input_ids"]
+            if len(pieces) == 1:
+                found.add(pieces[0])
+        if not found:
+            pieces = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+            split[word] = tokenizer.convert_ids_to_tokens(pieces)
+        ids |= found
+    if split:
+        raise ValueError(f"no single token of this tokenizer spells {sorted(split)} (it splits them: {split}); "
+                         "a keyword reward needs whole-word tokens: choose more frequent words")
     return sorted(ids)
 
 

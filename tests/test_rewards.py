@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tokenizers
 
 from fmlm_jax import rewards
 
@@ -24,21 +25,23 @@ def test_keyword_reward_by_hand():
         rewards.keyword([9], 9)
 
 
-def test_keyword_token_ids_cover_both_spellings_of_a_bpe_word():
+def test_keyword_token_ids_are_the_whole_word_tokens_and_split_words_are_refused():
     tok = transformers.PreTrainedTokenizerFast(tokenizer_object=_bpe())
     ids = rewards.keyword_token_ids(["love"], tok)
-    assert set(tok("love", add_special_tokens=False)["input_ids"]) <= set(ids)
-    assert set(tok(" love", add_special_tokens=False)["input_ids"]) <= set(ids)
+    single = {tok(f, add_special_tokens=False)["input_ids"][0] for f in ("love", " love", "Love", " Love")
+              if len(tok(f, add_special_tokens=False)["input_ids"]) == 1}
+    assert ids == sorted(single) and len(ids) >= 2  # "love" and " love" are tokens of this BPE
+    assert all(tok.decode([i]).strip().lower() == "love" for i in ids)
+    with pytest.raises(ValueError, match=r"splits them.*'quixotic'"):
+        rewards.keyword_token_ids(["love", "quixotic"], tok)
 
 
 def _bpe():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     text = ["love is love and all you need is love", "the night is dark"] * 5
     tok.train_from_iterator(text, trainer=trainer)
     return tok
