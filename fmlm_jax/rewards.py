@@ -185,12 +185,26 @@ def load_classifier(directory: str) -> tuple[dict, dict]:
 # ============================================================================ pretrained text models
 
 
+def text_model_inputs(p: jax.Array, vocab_size: int, what: str) -> jax.Array:
+    """p (B, L, K) as distributions over a text model's V tokens: K = V as is; K = V + 1 (the
+    OWT models' GPT-2 + [PAD], SPEC §4.1) without the [PAD] column; other sizes refused."""
+    k = p.shape[-1]
+    if k == vocab_size:
+        return p
+    if k == vocab_size + 1:
+        return p[..., :vocab_size]
+    raise ValueError(f"{what} reads {vocab_size} tokens but the model's samples have K = {k}: the reward "
+                     "must share the model's tokenizer (GPT-2 for OWT models, bert-base-uncased for LM1B)")
+
+
 def gpt2_fluency(directory: str, dtype=jnp.float32):
     """r(p) = mean over positions of Σ_v p_{l+1,v}·log q(v | e_{≤l}): GPT-2's expected
     log-likelihood of the soft sequence, its input the soft embeddings p·W_te (fmlm_jax.textmodels)."""
-    module, params, _ = gpt2.load_gpt2(directory, dtype=dtype)
+    module, params, config = gpt2.load_gpt2(directory, dtype=dtype)
+    vocab = int(config["vocab_size"])
 
     def reward(p):
+        p = text_model_inputs(p, vocab, f"the GPT-2 at {directory}")
         logits = module.apply({"params": params}, inputs_embeds=gpt2.soft_embeds(params, p))
         log_q = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
         return jnp.sum(p[:, 1:] * log_q, axis=-1).mean(-1)
@@ -203,9 +217,18 @@ def hf_classifier(directory: str, label: int | str, dtype=jnp.float32):
     soft-input path (label: an index or a name of the classifier's id2label)."""
     module, params, config = bert.load_bert(directory, dtype=dtype, head="classifier")
     names = {str(v): int(k) for k, v in (config.get("id2label") or {}).items()}
-    index = names[label] if isinstance(label, str) and label in names else int(label)
+    num_labels = len(names) or int(config.get("num_labels", 2))
+    if isinstance(label, str) and label in names:
+        index = names[label]
+    elif str(label).isdigit() and int(label) < num_labels:
+        index = int(label)
+    else:
+        raise ValueError(f"label {label!r} is not one of the classifier's labels {sorted(names)} nor an "
+                         f"index below {num_labels} ({directory})")
+    vocab = int(config["vocab_size"])
 
     def reward(p):
+        p = text_model_inputs(p, vocab, f"the classifier at {directory}")
         out = module.apply({"params": params}, inputs_embeds=bert.soft_embeds(params, p))
         return jax.nn.log_softmax(out.logits.astype(jnp.float32), axis=-1)[:, index]
 

@@ -81,8 +81,12 @@ def test_gpt2_fluency_of_a_one_hot_sequence_is_minus_its_mean_nll(tmp_path):
     expected = np.take_along_axis(logp[:, :-1], ids[:, 1:, None], -1)[..., 0].mean(-1)
     got = rewards.gpt2_fluency(str(tmp_path))(jax.nn.one_hot(ids, 30))
     np.testing.assert_allclose(got, expected, atol=1e-4)
-    # differentiable in the soft sequence
+    # an OWT model's K = V + 1 ([PAD] last): the pad column is dropped, the result unchanged
     fluency = rewards.gpt2_fluency(str(tmp_path))
+    np.testing.assert_allclose(fluency(jax.nn.one_hot(ids, 31)), expected, atol=1e-4)
+    with pytest.raises(ValueError, match="reads 30 tokens but the model's samples have K = 32"):
+        fluency(jax.nn.one_hot(ids, 32))
+    # differentiable in the soft sequence
     grad = jax.grad(lambda p: fluency(p).sum())(jax.nn.one_hot(ids, 30) * 0.9 + 0.1 / 30)
     assert np.all(np.isfinite(np.asarray(grad))) and float(jnp.abs(grad).max()) > 0
 
@@ -99,9 +103,12 @@ def test_hf_classifier_reward_is_the_torch_models_log_probability(tmp_path):
     ids = np.random.default_rng(1).integers(0, 40, (2, 6))
     with torch.no_grad():
         expected = torch.log_softmax(model(torch.tensor(ids)).logits.double(), -1).numpy()[:, 2]
-    for label in ("pos", 2):
+    for label in ("pos", 2, "2"):
         got = rewards.hf_classifier(str(tmp_path), label)(jax.nn.one_hot(ids, 40))
         np.testing.assert_allclose(got, expected, atol=1e-4)
+    for label in ("happy", 3):
+        with pytest.raises(ValueError, match=r"not one of the classifier's labels \['neg', 'neu', 'pos'\]"):
+            rewards.hf_classifier(str(tmp_path), label)
 
 
 def test_parse_refuses_unknown_specs():
