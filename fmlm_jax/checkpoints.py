@@ -19,6 +19,10 @@ a root (its latest step) or one step directory (`locate`).
 
 Writes are atomic: Orbax writes a step under `<step>.orbax-checkpoint-tmp-*` and renames it
 when complete, so an interrupted save is never listed; exports are renamed into place whole.
+A step damaged afterwards (a truncated array file, garbage in `meta`, a deleted item) does not
+block a run: `restore_latest` and `load` warn, name it, and use the newest step that restores
+(every item read in full); a resumed run moves the damaged steps aside as
+`<step>.corrupt-<time>` (never deleted; Orbax no longer lists them).
 """
 
 from __future__ import annotations
@@ -26,7 +30,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import grain
 import jax
@@ -34,7 +41,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from fmlm_jax import atomic
+from fmlm_jax import atomic, errors
 from fmlm_jax import config as fmlm_config
 from fmlm_jax import model as model_lib
 from fmlm_jax.convert import names, torch_io
@@ -122,6 +129,75 @@ def run_mode(meta: dict) -> str | None:
     return fmlm_config.LEGACY_MODES.get(mode, mode)
 
 
+# ============================================================================ damaged steps
+# What reading a damaged step raises: a missing file (OSError), garbage in a JSON item
+# (UnicodeDecodeError, JSONDecodeError), a deleted item (KeyError), a deleted _METADATA (a
+# tree mismatch, ValueError), and a truncated array file: Orbax wraps TensorStore's error in
+# a bare Exception. So any Exception counts; a step is only moved aside when an older one
+# restores, so a bug that breaks every restore moves nothing.
+DAMAGE = (Exception,)
+REASON_CHARS = 240  # tensorstore's errors quote whole specs: the start names file and fault
+
+
+class DamagedStep(Exception):
+    """A step some item of which cannot be read (`reason` says which and why)."""
+
+    def __init__(self, step: int, reason: str):
+        super().__init__(f"step {step}: {reason}")
+        self.step, self.reason = step, reason
+
+
+def _reason(item: str, error: BaseException) -> str:
+    while type(error) is Exception and error.__cause__ is not None:  # Orbax wraps; the cause names the file
+        error = error.__cause__
+    text = errors.message(error)
+    if item == "data" and isinstance(error, KeyError) and "not found" in text:
+        text = "it holds no data-iterator state (saved without data_iterator)"
+    text = f"{item}: {text}"
+    return text if len(text) <= REASON_CHARS else text[:REASON_CHARS - 1] + "…"
+
+
+def _read(step: int, item: str, read: Callable[[], Any]) -> Any:
+    """read(), with any damage raised as DamagedStep naming the item."""
+    try:
+        return read()
+    except DAMAGE as error:
+        raise DamagedStep(step, _reason(item, error)) from error
+
+
+def _newest_that_restores(where: str, steps, restore: Callable[[int], Any]) -> tuple[Any, int, list]:
+    """(restore(step), step, [DamagedStep of every newer step]) for the newest step of `steps`
+    that restores. None restores: UnreadableCheckpointError naming each step and its fault."""
+    damaged = []
+    for step in sorted(steps, reverse=True):
+        try:
+            return restore(step), step, damaged
+        except DamagedStep as fault:
+            damaged.append(fault)
+    raise errors.UnreadableCheckpointError(
+        f"no checkpoint step in {where} can be restored: " + "; ".join(map(str, damaged))
+        + ". Nothing was moved: restore the steps from a backup, move them away, or start a fresh --workdir")
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def step_path(manager: ocp.CheckpointManager, step: int):
+    """The directory of a finalized step (an etils.epath.Path: local or gs://)."""
+    return ocp.step.find_step_path(manager.directory, ocp.step.standard_name_format(), step=step)
+
+
+def move_aside(manager: ocp.CheckpointManager, step: int) -> str:
+    """Renames step `step` to `<step>.corrupt-<time>` (which Orbax does not list, nor clean up);
+    returns the new path. Nothing is deleted: the files stay for a post-mortem."""
+    path = step_path(manager, step)
+    target = path.parent / f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+    path.rename(target)
+    manager.reload()
+    return os.fspath(target)
+
+
 # ============================================================================ the manager
 
 
@@ -186,6 +262,19 @@ def read_metadata(manager: ocp.CheckpointManager, step: int | None = None) -> di
     return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
+def newest_metadata(manager: ocp.CheckpointManager) -> dict | None:
+    """The `meta` of the newest step whose meta reads (None: no such step). For checks made
+    before a restore (is it this run's workdir?); `restore_latest` reports damaged steps."""
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            meta = read_metadata(manager, step)
+        except DAMAGE:
+            continue
+        if isinstance(meta, dict):
+            return meta
+    return None
+
+
 def _abstract(x):
     """jax Arrays → structs keeping their sharding; numpy leaves stay (restored as numpy)."""
     if isinstance(x, jax.Array):
@@ -194,38 +283,46 @@ def _abstract(x):
 
 
 def restore_latest(manager: ocp.CheckpointManager, state_template, data_iterator=None,
-                   config=None) -> tuple[Any, int] | None:
-    """(state, step) of the latest finalized step, or None when there is none (fresh start).
+                   config=None, *, move_damaged: bool = True,
+                   warn: Callable[[str], None] = _warn) -> tuple[Any, int] | None:
+    """(state, step) of the newest step that restores, or None when there is none (fresh start).
 
     state_template: a TrainState giving the structure, dtypes and placement: jax Array
     leaves (or jax.ShapeDtypeStruct with a sharding) restore as jax Arrays with that
     sharding, numpy leaves as numpy arrays.
-    data_iterator: restored in place to the saved position (the step must hold one).
+    data_iterator: restored in place to the saved position (each step must hold one).
     config: the run config; a step saved for another architecture raises ValueError.
+    A newer step that does not restore (any of meta, state, data) is named in a warning and,
+    with move_damaged (by the first process only), moved aside as `<step>.corrupt-<time>`;
+    when no step restores, UnreadableCheckpointError names them all and nothing is moved.
     """
     manager.wait_until_finished()
     manager.reload()
-    step = manager.latest_step()
-    if step is None:
+    steps = manager.all_steps()
+    if not steps:
         return None
-    meta = read_metadata(manager, step)
-    if config is not None:
-        check_compatible(meta, config.model, f"{manager.directory} (step {step})")
     target = jax.tree_util.tree_map(_abstract, state_template)
-    items = {"state": ocp.args.StandardRestore(target)}
-    if data_iterator is not None:
-        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    try:
-        restored = manager.restore(step, args=ocp.args.Composite(**items))
-    except KeyError as err:
-        if data_iterator is None or '"data"' not in str(err):
-            raise
-        raise ValueError(
-            f"{manager.directory} step {step} holds no data-iterator state (it was saved "
-            "without data_iterator); restore with data_iterator=None and position the data "
-            "yourself"
-        ) from err
-    return restored["state"], int(step)
+
+    def restore(step: int):
+        meta = _read(step, "meta", lambda: read_metadata(manager, step))
+        if not isinstance(meta, dict) or "model_config" not in meta:
+            raise DamagedStep(step, "meta: not a run step's metadata (no model_config)")
+        if config is not None:  # a refusal, not damage: it must not fall back to an older step
+            check_compatible(meta, config.model, f"{manager.directory} (step {step})")
+        state = _read(step, "state", lambda: manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"])
+        if data_iterator is not None:  # last: a failed read leaves the iterator as it was
+            _read(step, "data", lambda: manager.restore(step, args=ocp.args.Composite(
+                data=grain.checkpoint.CheckpointRestore(data_iterator))))
+        return state
+
+    state, step, damaged = _newest_that_restores(os.fspath(manager.directory), steps, restore)
+    for fault in damaged:
+        path = os.fspath(step_path(manager, fault.step))
+        moved = (f"moved it to {move_aside(manager, fault.step)}" if move_damaged and jax.process_index() == 0
+                 else "left it in place")
+        warn(f"checkpoint {path} cannot be restored ({fault.reason}); {moved}; resuming from step {step}")
+    return state, int(step)
 
 
 # ============================================================================ exports
@@ -274,7 +371,8 @@ def locate(path) -> tuple[str, int | None]:
     """(root, step or None) of a checkpoint directory: a root (latest step) or a step directory."""
     path = os.path.abspath(os.fspath(path))
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise FileNotFoundError(f"no checkpoint at {path}: pass a training workdir (or one of its step "
+                                "directories), an export directory or a reference .ckpt / .safetensors file")
     if not os.path.isdir(path):
         raise ValueError(f"{path} is a file, not an Orbax checkpoint directory")
     base = os.path.basename(path)
@@ -283,21 +381,40 @@ def locate(path) -> tuple[str, int | None]:
     return path, None
 
 
-def read_meta(path, step: int | None = None) -> tuple[dict, int]:
-    """(meta, step) of a checkpoint directory's step (`locate`; latest unless given)."""
+def _step_meta(manager: ocp.CheckpointManager, root: str, step: int) -> dict:
+    meta = _read(step, "meta", lambda: read_metadata(manager, step))
+    if not isinstance(meta, dict) or meta.get("format") not in (RUN_FORMAT, EXPORT_FORMAT):
+        raise DamagedStep(step, "meta: not an fmlm-jax checkpoint's (no known format)")
+    return meta
+
+
+def _steps(root: str, step: int | None) -> list[int]:
+    """The steps to try, newest first: all of ROOT's, or the one asked for."""
+    with open_manager(root, read_only=True) as manager:
+        steps = manager.all_steps()
+    if not steps:
+        raise ValueError(f"{root} holds no checkpoint steps (no <step>/meta): not a training workdir, "
+                         "an export or a converted checkpoint")
+    if step is not None and step not in steps:
+        raise ValueError(f"{root} has no step {step}; it has {sorted(steps)}")
+    return sorted(steps) if step is None else [step]
+
+
+def _report(root: str, damaged: list, step: int, warn: Callable[[str], None]) -> None:
+    for fault in damaged:  # someone else's workdir (a teacher, a run still training): left in place
+        warn(f"checkpoint {os.path.join(root, str(fault.step))} cannot be restored ({fault.reason}); "
+             f"using step {step} instead")
+
+
+def read_meta(path, step: int | None = None, warn: Callable[[str], None] = _warn) -> tuple[dict, int]:
+    """(meta, step) of a checkpoint directory's step (`locate`): the one given, else the newest
+    whose meta reads (a damaged newer one is named in a warning)."""
     root, found = locate(path)
     step = found if step is None else int(step)
     with open_manager(root, read_only=True) as manager:
-        steps = manager.all_steps()
-        if not steps:
-            raise ValueError(f"{root} holds no checkpoint steps (no <step>/meta): not a training workdir, "
-                             "an export or a converted checkpoint")
-        step = manager.latest_step() if step is None else step
-        if step not in steps:
-            raise ValueError(f"{root} has no step {step}; it has {sorted(steps)}")
-        meta = read_metadata(manager, step)
-    if not isinstance(meta, dict) or meta.get("format") not in (RUN_FORMAT, EXPORT_FORMAT):
-        raise ValueError(f"{root} step {step} is not an fmlm-jax checkpoint (its meta has no known format)")
+        meta, step, damaged = _newest_that_restores(
+            root, _steps(root, step), lambda s: _step_meta(manager, root, s))
+    _report(root, damaged, step, warn)
     return meta, step
 
 
@@ -315,14 +432,18 @@ def _restore_params(root: str, step: int, item: str, key: str, cfg) -> dict:
     return restored[item][key]
 
 
-def load(path, weights: str = "ema", n_heads: int | None = None):
-    """(params, resolved model config, run config dict or None) from any checkpoint path.
+class Loaded(NamedTuple):
+    params: dict  # host numpy arrays
+    model_config: Any  # resolved
+    run_config: dict | None  # a training run's config, else None
+    meta: dict | None  # the step's meta (None for a reference file)
+    step: int | None  # the step read (None for a reference file)
 
-    path: a training workdir or one of its step directories (run config: the run's), an
-    export or converted directory (run config None), or a reference `.ckpt` / `.safetensors`
-    file (converted in memory; `n_heads` when its rotary buffer is absent). weights: 'ema'
-    or 'raw'; only that set is read. Params are host numpy arrays.
-    """
+
+def load_checkpoint(path, weights: str = "ema", n_heads: int | None = None,
+                    warn: Callable[[str], None] = _warn) -> Loaded:
+    """`load`, with the step read and its meta. A root's newest step that does not restore is
+    named in a warning and the next older one is read; a step directory is read or refused."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
     if os.path.isfile(os.fspath(path)):
@@ -330,15 +451,38 @@ def load(path, weights: str = "ema", n_heads: int | None = None):
             raise ValueError(f"{path} is a file but not a reference checkpoint (.ckpt / .safetensors); "
                              "pass a training workdir, an export directory or a reference checkpoint")
         params, cfg = torch_io.load_torch(path, weights=weights, n_heads=n_heads)
-        return params, cfg, None
-    meta, step = read_meta(path)
-    root, _ = locate(path)
-    cfg = model_lib.resolve_config(ml_collections.ConfigDict(meta["model_config"]))
-    if meta["format"] == RUN_FORMAT:
-        params = _restore_params(root, step, "state", "ema_params" if weights == "ema" else "params", cfg)
-        return params, cfg, meta.get("config")
-    if weights not in meta["weights"]:
-        other = [w for w in meta["weights"] if w != weights]
-        raise ValueError(f"{path} holds no {weights} weights (it has {meta['weights']}); "
-                         f"pass weights={other[0]!r} (--weights {other[0]})")
-    return _restore_params(root, step, "params", weights, cfg), cfg, None
+        return Loaded(params, cfg, None, None, None)
+    root, found = locate(path)
+
+    def restore(step: int) -> Loaded:
+        with open_manager(root, read_only=True) as manager:
+            meta = _step_meta(manager, root, step)
+        cfg = _read(step, "meta", lambda: model_lib.resolve_config(
+            ml_collections.ConfigDict(meta["model_config"])))
+        if meta["format"] == RUN_FORMAT:
+            key = "ema_params" if weights == "ema" else "params"
+            params = _read(step, "state", lambda: _restore_params(root, step, "state", key, cfg))
+            return Loaded(params, cfg, meta.get("config"), meta, step)
+        if weights not in meta["weights"]:  # a refusal, not damage
+            other = [w for w in meta["weights"] if w != weights]
+            raise ValueError(f"{path} holds no {weights} weights (it has {meta['weights']}); "
+                             f"pass weights={other[0]!r} (--weights {other[0]})")
+        params = _read(step, "params", lambda: _restore_params(root, step, "params", weights, cfg))
+        return Loaded(params, cfg, None, meta, step)
+
+    loaded, step, damaged = _newest_that_restores(root, _steps(root, found), restore)
+    _report(root, damaged, step, warn)
+    return loaded
+
+
+def load(path, weights: str = "ema", n_heads: int | None = None):
+    """(params, resolved model config, run config dict or None) from any checkpoint path.
+
+    path: a training workdir or one of its step directories (run config: the run's), an
+    export or converted directory (run config None), or a reference `.ckpt` / `.safetensors`
+    file (converted in memory; `n_heads` when its rotary buffer is absent). weights: 'ema'
+    or 'raw'; only that set is read. Params are host numpy arrays. A damaged newest step is
+    named in a warning and the newest step that restores is read (`load_checkpoint`).
+    """
+    loaded = load_checkpoint(path, weights, n_heads)
+    return loaded.params, loaded.model_config, loaded.run_config

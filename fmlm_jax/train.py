@@ -311,8 +311,9 @@ class _Run:
 
 def _setup(config, workdir: str, manager, mesh, log) -> _Run:
     """Keys, teacher, the sharded state (fresh, or restored with the data position), the step."""
-    if manager.latest_step() is not None:  # before anything expensive: is it this run's workdir?
-        _check_same_run(checkpoints.read_metadata(manager), config, workdir)
+    saved = checkpoints.newest_metadata(manager)  # before anything expensive: is it this run's workdir?
+    if saved is not None:
+        _check_same_run(saved, config, workdir)
     run_rng = jax.random.key(config.seed)
     init_rng, step_rng = jax.random.split(run_rng)
     eval_rng, sample_rng = jax.random.split(jax.random.fold_in(run_rng, 1))
@@ -324,8 +325,9 @@ def _setup(config, workdir: str, manager, mesh, log) -> _Run:
     state = init_train_state(config, mesh, init_rng, params=params)
     data = loader.make_iterator(config, "train")
     start = 0
-    if manager.latest_step() is not None:
-        state, start = checkpoints.restore_latest(manager, state, data_iterator=data, config=config)
+    restored = checkpoints.restore_latest(manager, state, data_iterator=data, config=config)
+    if restored is not None:  # a damaged newer step is reported and moved aside
+        state, start = restored
         saved_rng = checkpoints.read_metadata(manager, start).get("rng")
         if saved_rng is not None:
             step_rng = jax.random.wrap_key_data(np.asarray(saved_rng, np.uint32))
@@ -355,15 +357,55 @@ def train_and_evaluate(config, workdir: str, log=print) -> list[dict]:
     fmlm_config.validate(config)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     _check_mesh(config, mesh)
+    made = []  # the directories this call creates: removed again if setup is refused
     if metrics.is_local(workdir):  # a gs://... workdir: Orbax and TensorBoard write there directly
+        made = _missing_dirs(workdir)
         os.makedirs(workdir, exist_ok=True)
     manager = checkpoints.open_manager(workdir, max_to_keep=config.train.keep_last or None,
                                        keep_period=config.train.keep_every or None)
+    try:
+        run = _setup(config, workdir, manager, mesh, log)
+    except BaseException:  # a missing teacher, a refused workdir: leave no empty workdir behind
+        manager.close()
+        _remove_empty(made)
+        raise
     try:  # whatever fails, pending checkpoint writes finish and the manager's threads stop
-        return _loop(config, workdir, manager, _setup(config, workdir, manager, mesh, log), log)
+        rows = _loop(config, workdir, manager, run, log)
+        finish_saves(manager)
+        return rows
     finally:
         manager.wait_until_finished()
         manager.close()
+
+
+def finish_saves(manager) -> None:
+    """Waits for the pending background save; its OSError (a full disk, a revoked permission)
+    is raised again naming the step that failed and the last complete one, which is kept
+    (the failed step's `*.orbax-checkpoint-tmp*` directory is removed at the next start)."""
+    try:
+        manager.wait_until_finished()
+    except OSError as error:
+        manager.reload()
+        raise OSError(error.errno, f"{error.strerror} while writing a checkpoint; the last complete "
+                      f"checkpoint is step {manager.latest_step()} in {manager.directory}",
+                      error.filename) from error
+
+
+def _missing_dirs(path: str) -> list[str]:
+    """`path` and those of its ancestors that do not exist yet, innermost first."""
+    missing, path = [], os.path.abspath(path)
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
+def _remove_empty(directories: list[str]) -> None:
+    for directory in directories:  # innermost first; a directory with anything in it stays
+        try:
+            os.rmdir(directory)
+        except OSError:
+            return
 
 
 def _loop(config, workdir: str, manager, run: _Run, log) -> list[dict]:
@@ -416,6 +458,7 @@ def _loop(config, workdir: str, manager, run: _Run, log) -> list[dict]:
                 log(f"step {step} sample: {texts[0][:200]!r}")
             if saving:
                 with progress.timed("checkpoint"):
+                    finish_saves(manager)  # the previous save failed (disk full)? stop here, say so
                     checkpoints.save(manager, step, run.state, data_iterator=run.data, config=config,
                                      metadata=run.meta)
             if preempted:

@@ -500,6 +500,8 @@ def test_cli_errors_are_refused_before_any_work(assets, tmp_path, capsys):
     assert capsys.readouterr().err.strip().endswith("records no data.seq_len: pass --seq-len")
     with pytest.raises(SystemExit):
         cli.main(["sample", *common(flm_dir, tok_dir, tmp_path, "--steps", "1,x")])
+    error = capsys.readouterr().err  # one line, not argparse's usage block
+    assert error.count("\n") == 1 and error.startswith("error: ") and "--steps" in error
     for bad in (["--num-samples", "0"], ["--gamma", "1.5"]):
         with pytest.raises(SystemExit):  # argparse refuses before anything loads
             cli.main(["sample", *common(flm_dir, tok_dir, tmp_path), *bad])
@@ -514,7 +516,7 @@ def test_cli_errors_are_refused_before_any_work(assets, tmp_path, capsys):
         assert cli.cli(["evaluate", *common(fmlm_dir, tok_dir, out), "--evaluator", name]) == 2
         error = capsys.readouterr().err
         assert error.startswith("error: ") and error.count("\n") == 1 and "Traceback" not in error
-        assert not os.path.exists(out / "samples.json")
+        assert not os.path.exists(out)  # nothing left behind, not even the output directory
 
 
 def test_samples_survive_a_scoring_failure_and_are_scored_later(assets, tmp_path, monkeypatch):

@@ -32,6 +32,7 @@ def torch_to_orbax(src, out_dir, config=None, weights: str = "ema", n_heads: int
     out = os.path.abspath(os.fspath(out_dir))
     torch_io.check_weights(weights)
     atomic.check_free(out, overwrite)
+    atomic.check_writable(os.path.dirname(out))  # before the work, not after it
     ck = torch_io.read_torch_checkpoint(src)
     cfg = torch_io.checkpoint_config(ck, config, n_heads, expected_vocab_size)
     recipe = torch_io.training_recipe(ck.hyper_parameters, cfg.two_time, ck.source)
@@ -57,20 +58,23 @@ def orbax_to_torch(src_dir, out, weights: str = "ema", overwrite: bool = False) 
     if not out.endswith((".ckpt", ".safetensors")):
         raise ValueError(f"output {out} must end with .ckpt (Lightning) or .safetensors (HF)")
     atomic.check_free(out, overwrite)
-    meta, step = checkpoints.read_meta(src_dir)
+    atomic.check_writable(os.path.dirname(out))  # before the work, not after it
     if out.endswith(".safetensors"):
-        params, cfg, _ = checkpoints.load(src_dir, weights)
-        torch_io.save_safetensors(out, params, cfg, weights, step, overwrite)
-        return {"meta": meta, "weights": [weights], "out": out}
+        loaded = checkpoints.load_checkpoint(src_dir, weights)
+        torch_io.save_safetensors(out, loaded.params, loaded.model_config, weights, loaded.step, overwrite)
+        return {"meta": loaded.meta, "weights": [weights], "out": out}
+    meta, _ = checkpoints.read_meta(src_dir, warn=lambda _: None)  # load_checkpoint names damaged steps
     if meta.get("format") == checkpoints.EXPORT_FORMAT and "raw" not in meta["weights"]:
         raise ValueError(
             f"{src_dir} holds no raw weights (only {meta['weights']}), which a .ckpt's "
             "state_dict needs; write a .safetensors file instead"
         )
-    raw, cfg, _ = checkpoints.load(src_dir, "raw")
-    ema = checkpoints.load(src_dir, "ema")[0] if weights == "ema" else None  # errors if absent
+    raw = checkpoints.load_checkpoint(src_dir, "raw")
+    meta, step, cfg = raw.meta, raw.step, raw.model_config
+    step_dir = os.path.join(checkpoints.locate(src_dir)[0], str(step))  # the EMA of that same step
+    ema = checkpoints.load(step_dir, "ema")[0] if weights == "ema" else None  # errors if absent
     ema_meta = meta.get("ema") or {}
-    torch_io.save_torch_checkpoint(out, raw, ema, cfg, step, meta.get("epoch", 0),
+    torch_io.save_torch_checkpoint(out, raw.params, ema, cfg, step, meta.get("epoch", 0),
                                    ema_meta.get("decay"), ema_meta.get("num_updates"), overwrite)
     return {"meta": meta, "weights": ["raw"] + (["ema"] if ema is not None else []), "out": out}
 
@@ -79,7 +83,7 @@ def orbax_to_torch(src_dir, out, weights: str = "ema", overwrite: bool = False) 
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = errors.ArgumentParser(
         prog="python -m fmlm_jax.convert",
         description="Convert FLM/FMLM checkpoints between the reference PyTorch layout "
         "(Lightning .ckpt, HF .safetensors) and Orbax (SPEC §7).",
@@ -144,6 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "torch-to-orbax":
         atomic.check_free(os.path.abspath(args.out), args.overwrite)
+        atomic.check_writable(os.path.dirname(os.path.abspath(args.out)))
         ck = torch_io.read_torch_checkpoint(args.src)
         config = None
         if args.size is not None:

@@ -8,7 +8,10 @@
   `save_safetensors`. Every output is written beside its destination and renamed into place
   when complete (`fmlm_jax.atomic`).
 
-torch is imported lazily (the optional `torch` extra); a `.ckpt` is never fully unpickled.
+torch is imported lazily (the optional `torch` extra); a `.ckpt` is never fully unpickled:
+its tensors load with torch's safe (weights-only) loader, every other pickled object becomes an
+inert placeholder, and a pickle that names a code-running global (os.system, eval, subprocess,
+...) is refused as unsafe (`errors.UnsafeCheckpointError`) before anything is loaded.
 """
 
 from __future__ import annotations
@@ -18,14 +21,16 @@ import dataclasses
 import json
 import os
 import pickle
+import pickletools
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
 import numpy as np
 
-from fmlm_jax import atomic
+from fmlm_jax import atomic, errors
 from fmlm_jax import model as model_lib
 from fmlm_jax.convert.names import (
     ROTARY_BUFFER,
@@ -54,6 +59,19 @@ N_HEADS_HINT = (
     "the published checkpoints (lm1b_flm, lm1b_fmlm, owt_flm, owt_fmlm) are all DiT-small "
     "with 12 heads: pass n_heads=12 (--n-heads 12) or a config (--size small)"
 )
+
+
+# Modules and builtins whose globals run code or touch the system when a pickle calls them.
+# Nothing pickled is ever called (unknown globals become placeholders), but a file naming one
+# of these is a payload, not a checkpoint: it is refused as unsafe, by name.
+UNSAFE_MODULES = ("os", "posix", "nt", "subprocess", "sys", "shutil", "socket", "importlib", "runpy",
+                  "pickle", "_pickle", "marshal", "ctypes", "pty", "code", "codeop", "webbrowser",
+                  "multiprocessing", "signal", "pdb", "timeit", "tempfile", "urllib", "http", "requests",
+                  "asyncio", "threading", "_thread", "io", "_io", "operator", "commands", "popen2")
+UNSAFE_BUILTINS = ("eval", "exec", "execfile", "compile", "open", "__import__", "getattr", "setattr",
+                   "delattr", "globals", "locals", "vars", "input", "breakpoint", "exit", "quit", "help",
+                   "apply", "memoryview")
+UNSAFE_FIX = "convert it with the authors' code or export safetensors"
 
 
 # ============================================================================ reading torch
@@ -100,28 +118,87 @@ def _clean_key(key: str) -> str:
     return key[len("_orig_mod."):] if key.startswith("_orig_mod.") else key
 
 
+def is_unsafe_global(qualified: str) -> bool:
+    """Whether a pickled global ('module.name') would run code or touch the system if called."""
+    module, _, name = qualified.rpartition(".")
+    if module in ("builtins", "__builtin__"):
+        return name in UNSAFE_BUILTINS
+    return module.split(".")[0] in UNSAFE_MODULES
+
+
+def pickle_globals(path: str) -> list[str]:
+    """The globals ('module.name') a pickle file names, read statically (pickletools: nothing
+    runs), over each pickle of the file in turn (torch's legacy format holds several); a
+    damaged or non-pickle tail ends the scan."""
+    found, strings = [], []
+    with open(path, "rb") as f:
+        try:
+            while True:
+                for op, arg, _ in pickletools.genops(f):
+                    if op.name in ("GLOBAL", "INST"):
+                        found.append(str(arg).replace(" ", "."))
+                    elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        found.append(".".join(strings[-2:]))
+                    elif isinstance(arg, str):
+                        strings.append(arg)
+        except Exception:  # noqa: BLE001 - the end of the pickles (tensor bytes, garbage, EOF)
+            pass
+    return found
+
+
+def _refuse_unsafe(path: str, names) -> None:
+    unsafe = sorted({n for n in names if is_unsafe_global(n)})
+    if unsafe:
+        raise errors.UnsafeCheckpointError(
+            f"{path}: refusing to unpickle {', '.join(unsafe)} (loading it would run code); {UNSAFE_FIX}")
+
+
+def _torch_reason(error: BaseException) -> str:
+    """torch's loader error in a few words, without its advice to load with weights_only=False
+    (which would run whatever the file holds)."""
+    text = str(error)
+    found = (re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", text, re.S)
+             or re.search(r"(Trying to load [^\n]*)", text))
+    reason = " ".join((found.group(1) if found else text.strip().splitlines()[0] if text.strip() else
+                       type(error).__name__).split())
+    return "torch's safe loader refused it" if "weights_only" in reason else reason
+
+
+def _unreadable(path: str, error: BaseException) -> ValueError:
+    return ValueError(f"{path} is not a readable torch checkpoint ({_torch_reason(error)}); pass the "
+                      "Lightning .ckpt or .safetensors file the reference wrote")
+
+
 def _torch_load(path: str) -> dict:
     """torch.load with weights_only=True; pickled non-tensor objects are stubbed out.
 
     The released `.ckpt` files pickle their `hyper_parameters` (an omegaconf config and a
     transformers tokenizer): a plain weights-only load refuses them, and a full unpickle
     would need those packages and run code from the file. Instead each global the safe
-    loader refuses is replaced by an inert placeholder class; tensors load as usual.
+    loader refuses is replaced by an inert placeholder class; tensors load as usual. A file
+    naming a code-running global (`is_unsafe_global`) is refused: UnsafeCheckpointError.
     """
     torch = _require_torch("reading a .ckpt")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a bare pickle's protocol: noise before the refusal line
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # globals the safe loader refuses: stub them below
         first_error = e
     except Exception as e:  # noqa: BLE001 - not a torch file at all
-        raise ValueError(f"{path} is not a readable torch checkpoint: {e}") from None
+        raise _unreadable(path, e) from None
     try:
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # noqa: BLE001
-        raise ValueError(f"{path} is not a readable torch checkpoint: {first_error}") from None
+    except Exception:  # noqa: BLE001 - not torch's zip format: a bare or legacy pickle
+        _refuse_unsafe(path, pickle_globals(path))
+        raise _unreadable(path, first_error) from None
+    _refuse_unsafe(path, unsafe)
     stubs = [_placeholder_class(name) for name in unsafe]
-    with torch.serialization.safe_globals(stubs):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with torch.serialization.safe_globals(stubs):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - still refused (a blocked module): never retried unsafely
+        raise _unreadable(path, e) from None
     if isinstance(ckpt, dict):
         ckpt["__placeholders__"] = sorted(unsafe)
     return ckpt

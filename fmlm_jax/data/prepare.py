@@ -26,6 +26,7 @@ separator; a chunk of `chunk_docs` (1000) documents is concatenated and cut into
 from __future__ import annotations
 
 import argparse
+import errno
 import itertools
 import json
 import os
@@ -36,7 +37,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from fmlm_jax import errors
+from fmlm_jax import atomic, errors
 from fmlm_jax.data import sources, tokenizers
 
 FORMAT_VERSION = 1
@@ -181,9 +182,22 @@ def prepare(dataset: str, split: str, seq_len: int, out: str, tokenizer: str | N
     return meta
 
 
+def check_arguments(args: dict) -> None:
+    """The cheap checks, before a tokenizer loads or a document is read: L, the input, the output."""
+    if args["seq_len"] < 3:
+        raise ValueError(f"--seq-len must be at least 3 (BOS, one token, EOS), got {args['seq_len']}")
+    for name in ("chunk_docs", "max_docs"):
+        if args.get(name) is not None and args[name] < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {args[name]}")
+    path = args.get("input_path")
+    if path and "://" not in path and not any(c in path for c in "*?[") and not os.path.exists(path):
+        raise FileNotFoundError(errno.ENOENT, "no such input file or directory", path)
+    atomic.check_writable(os.path.abspath(args["out"]))
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fmlm_jax.data.prepare", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = errors.ArgumentParser(prog="python -m fmlm_jax.data.prepare", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", required=True, choices=sorted(DATASETS))
     p.add_argument("--split", required=True)
     p.add_argument("--seq-len", type=int, required=True, help="L: 128 for LM1B, 1024 for OWT")
@@ -199,6 +213,7 @@ def main(argv=None) -> int:
     p.add_argument("--verbose", action="store_true", help="print the traceback of a refusal")
     args = vars(p.parse_args(argv))
     args.pop("verbose")
+    check_arguments(args)
     meta = prepare(**args, log=lambda m: print(m, file=sys.stderr))
     print(json.dumps({k: v for k, v in meta.items() if k != "files"}, indent=1))
     return 0

@@ -33,7 +33,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from fmlm_jax import checkpoints, errors, rewards, sampling
+from fmlm_jax import atomic, checkpoints, errors, rewards, sampling
 from fmlm_jax.data import tokenizers
 from fmlm_jax.evaluation import gen_ppl, run
 
@@ -76,8 +76,8 @@ def _float(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fmlm_jax.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = errors.ArgumentParser(prog="python -m fmlm_jax.evaluate", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("sample", "evaluate"):
         s = sub.add_parser(name)
@@ -117,10 +117,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check_output_dir(out: str) -> None:
-    """Creates OUT (or finds it) and checks that files can be written there."""
-    os.makedirs(out, exist_ok=True)
-    if not os.access(out, os.W_OK):
-        raise PermissionError(13, "Permission denied", out)
+    """Checks that OUT can be created and written, without creating it (a refused run leaves
+    nothing behind; the first samples.json creates it)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise NotADirectoryError(20, "Not a directory", out)
+    atomic.check_writable(out)
 
 
 def _read_samples(path: str) -> dict:

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
-from fmlm_jax import sampling
+from fmlm_jax import atomic, sampling
 from fmlm_jax.data import synthetic, tokenizers
 from fmlm_jax.evaluation import gen_ppl as gen_ppl_lib
 from fmlm_jax.evaluation import plots
@@ -179,8 +179,8 @@ def _jsonable(x):
 
 
 def write_json(results: dict, path: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    """Writes whole or not at all (a kill mid-write keeps the previous file)."""
+    with atomic.atomic_output(path, overwrite=True) as tmp, open(tmp, "w") as f:
         json.dump(_jsonable(results), f, indent=1)
     return path
 
