@@ -22,7 +22,7 @@ when complete, so an interrupted save is never listed; exports are renamed into 
 A step damaged afterwards (a truncated array file, garbage in `meta`, a deleted item) does not
 block a run: `restore_latest` and `load` warn, name it, and use the newest step that restores
 (every item read in full); a resumed run moves the damaged steps aside as
-`<step>.corrupt-<time>` (never deleted; Orbax no longer lists them).
+`<step>.corrupt-<UTC time>` (never deleted; Orbax no longer lists them).
 """
 
 from __future__ import annotations
@@ -51,9 +51,10 @@ EXPORT_FORMAT = "fmlm_jax.convert/1"  # the name predates this module: kept so o
 WEIGHTS = ("ema", "raw")
 DEFAULT_EMA_DECAY = 0.9999  # the reference recipe's EMA decay (SPEC §4)
 # Resolved model-config fields that do not change the function a set of parameters
-# computes (regularisation, compute precision): left out of the fingerprint, so a run may
-# resume or a teacher be loaded with another dropout rate or compute dtype.
-NON_ARCHITECTURE_FIELDS = ("dropout", "dtype")
+# computes (regularisation, compute precision, how attention is computed): left out of the
+# fingerprint, so a run may resume or a teacher be loaded with another dropout rate, compute
+# dtype or attention kernel.
+NON_ARCHITECTURE_FIELDS = ("dropout", "dtype", "attention_impl")
 
 
 # ============================================================================ fingerprint
@@ -189,10 +190,15 @@ def step_path(manager: ocp.CheckpointManager, step: int):
 
 
 def move_aside(manager: ocp.CheckpointManager, step: int) -> str:
-    """Renames step `step` to `<step>.corrupt-<time>` (which Orbax does not list, nor clean up);
-    returns the new path. Nothing is deleted: the files stay for a post-mortem."""
+    """Renames step `step` to `<step>.corrupt-<UTC time>`, e.g. `6.corrupt-20261203T122133Z`
+    (which Orbax does not list, nor clean up); returns the new path. Nothing is deleted: the
+    files stay for a post-mortem."""
     path = step_path(manager, step)
-    target = path.parent / f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target, n = path.parent / f"{path.name}.corrupt-{stamp}", 1
+    while target.exists():  # the same step damaged again within the second
+        n += 1
+        target = path.parent / f"{path.name}.corrupt-{stamp}-{n}"
     path.rename(target)
     manager.reload()
     return os.fspath(target)
@@ -293,7 +299,7 @@ def restore_latest(manager: ocp.CheckpointManager, state_template, data_iterator
     data_iterator: restored in place to the saved position (each step must hold one).
     config: the run config; a step saved for another architecture raises ValueError.
     A newer step that does not restore (any of meta, state, data) is named in a warning and,
-    with move_damaged (by the first process only), moved aside as `<step>.corrupt-<time>`;
+    with move_damaged (by the first process only), moved aside (`move_aside`);
     when no step restores, UnreadableCheckpointError names them all and nothing is moved.
     """
     manager.wait_until_finished()
@@ -441,9 +447,19 @@ class Loaded(NamedTuple):
 
 
 def load_checkpoint(path, weights: str = "ema", n_heads: int | None = None,
-                    warn: Callable[[str], None] = _warn) -> Loaded:
+                    warn: Callable[[str], None] = _warn, attention_impl: str = "xla") -> Loaded:
     """`load`, with the step read and its meta. A root's newest step that does not restore is
-    named in a warning and the next older one is read; a step directory is read or refused."""
+    named in a warning and the next older one is read; a step directory is read or refused.
+    The model config's attention_impl is `attention_impl` whatever the run used ('xla', which
+    runs everywhere, unless asked): a GPU/TPU kernel saved with the run is no part of the
+    architecture and need not exist where the checkpoint is read."""
+    loaded = _load_checkpoint(path, weights, n_heads, warn)
+    cfg = ml_collections.ConfigDict(dict(loaded.model_config.items()))
+    cfg.attention_impl = attention_impl
+    return loaded._replace(model_config=model_lib.resolve_config(cfg))  # refuses an unknown one
+
+
+def _load_checkpoint(path, weights: str, n_heads: int | None, warn: Callable[[str], None]) -> Loaded:
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
     if os.path.isfile(os.fspath(path)):
@@ -475,7 +491,7 @@ def load_checkpoint(path, weights: str = "ema", n_heads: int | None = None,
     return loaded
 
 
-def load(path, weights: str = "ema", n_heads: int | None = None):
+def load(path, weights: str = "ema", n_heads: int | None = None, attention_impl: str = "xla"):
     """(params, resolved model config, run config dict or None) from any checkpoint path.
 
     path: a training workdir or one of its step directories (run config: the run's), an
@@ -483,6 +499,7 @@ def load(path, weights: str = "ema", n_heads: int | None = None):
     file (converted in memory; `n_heads` when its rotary buffer is absent). weights: 'ema'
     or 'raw'; only that set is read. Params are host numpy arrays. A damaged newest step is
     named in a warning and the newest step that restores is read (`load_checkpoint`).
+    attention_impl: the loaded config's (default 'xla', whichever kernel the run trained with).
     """
-    loaded = load_checkpoint(path, weights, n_heads)
+    loaded = load_checkpoint(path, weights, n_heads, attention_impl=attention_impl)
     return loaded.params, loaded.model_config, loaded.run_config

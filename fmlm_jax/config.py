@@ -39,6 +39,10 @@ OFFDIAG_SAMPLINGS = ("uniform_diff", "uniform_st")
 DATA_SOURCES = ("synthetic", "prepared")
 LR_SCHEDULES = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16")
+# model.attention_impl: our XLA einsum, or a tokamax kernel (fmlm_jax/kernels.py, the optional
+# extra fmlm-jax[kernels]); which run on which platform is fmlm_jax.kernels.PLATFORMS.
+# No 'cudnn': tokamax's cuDNN attention refuses a logit softcap (see fmlm_jax/kernels.py).
+ATTENTION_IMPLS = ("xla", "xla_chunked", "triton", "mosaic")
 
 # SPEC §3: (hidden_size, n_blocks, n_heads, cond_dim) of the published sizes.
 MODEL_SIZES = {
@@ -54,6 +58,9 @@ MODEL_OPTIONAL_DEFAULTS = {
     "output_cap": 30.0,  # logits → 30·tanh(logits / 30) before the log-softmax
     "dtype": "float32",  # compute dtype of the blocks and final layer ('bfloat16' for speed)
     "param_dtype": "float32",
+    # How attention is computed (fmlm_jax.kernels): 'xla' = the float32-score einsum, the
+    # one path jax.jvp can go through; a tokamax kernel otherwise. Not part of the architecture.
+    "attention_impl": "xla",
 }
 
 
@@ -105,7 +112,8 @@ def defaults(mode: str = "flm") -> ml_collections.ConfigDict:
         tau_min=0.0,
         tau_max=1.0,
         projected_noise=False,  # SPEC §10: draw x_t·E from d-dimensional noise
-        ce_chunk_size=config_dict.placeholder(int),  # tokens per fused-CE chunk; None = per backend
+        # tokens per fused-CE chunk over the whole batch; None = per backend × device count
+        ce_chunk_size=config_dict.placeholder(int),
     )
     config.distill = dict(
         method="psd",  # 'psd' (released) | 'lsd' | 'esd'
@@ -119,6 +127,9 @@ def defaults(mode: str = "flm") -> ml_collections.ConfigDict:
         use_ema_for_psd_target=False,  # PSD targets from the EMA weights (eval mode)
         use_teacher_for_D_t_lsd=False,  # LSD's D_t: the teacher instead of the student's δ_{t,t}
         entmax_temp_lsd=2.0,  # LSD: the entmax α of the target projection (2 = sparsemax)
+        # Tokens per chunk of the vocabulary-wide loss (targets, teacher probabilities, the
+        # student's log δ): no (N, L, K) tensor is live at once. 0 = unchunked (one pass).
+        chunk_size=config_dict.placeholder(int),  # None = per backend × device count (as flm's)
     )
     config.train = dict(
         num_steps=1_000_000,
@@ -222,6 +233,7 @@ def _value_problems(config) -> list[str]:
     check(0.0 <= m.dropout < 1.0, f"model.dropout must lie in [0, 1), got {m.dropout}")
     choice(m.dtype, DTYPES, "model.dtype")
     choice(m.param_dtype, DTYPES, "model.param_dtype")
+    choice(m.attention_impl, ATTENTION_IMPLS, "model.attention_impl")
     if c.mode == "fmlm":
         check(m.two_time, "mode='fmlm' trains a two-time student: set model.two_time=True")
     elif c.mode == "flm":
@@ -234,6 +246,8 @@ def _value_problems(config) -> list[str]:
     check(0.0 <= d.diagonal_fraction < 1.0, f"distill.diagonal_fraction must lie in [0, 1), got "
           f"{d.diagonal_fraction}")
     check(d.boundary_prob >= 1.0, f"distill.boundary_prob must be >= 1, got {d.boundary_prob}")
+    check(d.chunk_size is None or int(d.chunk_size) >= 0,
+          f"distill.chunk_size must be >= 0 tokens (0 = unchunked) or None (per backend), got {d.chunk_size}")
     check(1.0 < d.entmax_temp_lsd <= 2.0, "distill.entmax_temp_lsd is the entmax α of LSD's target "
           f"projection and must lie in (1, 2] (2 = sparsemax), got {d.entmax_temp_lsd}")
     t = c.train

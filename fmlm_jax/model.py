@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -20,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from fmlm_jax import config as fmlm_config
+from fmlm_jax import kernels
 
 MODEL_SIZES = fmlm_config.MODEL_SIZES
 OPTIONAL_DEFAULTS = fmlm_config.MODEL_OPTIONAL_DEFAULTS
@@ -54,6 +56,9 @@ def resolve_config(config) -> ml_collections.ConfigDict:
         raise ValueError(f"hidden_size {cfg.hidden_size} is not divisible by n_heads {cfg.n_heads}")
     if (cfg.hidden_size // cfg.n_heads) % 2:
         raise ValueError("rotary embeddings need an even head dimension")
+    if cfg.attention_impl not in fmlm_config.ATTENTION_IMPLS:
+        raise ValueError(f"model.attention_impl must be one of {fmlm_config.ATTENTION_IMPLS}, got "
+                         f"{cfg.attention_impl!r}")
     return cfg
 
 
@@ -71,11 +76,28 @@ def log_probs(logits: jax.Array, cap: float = OPTIONAL_DEFAULTS["output_cap"]) -
 # and both matmuls fuse. Same math as log_probs; the reference computes it unfused.
 
 
-def _chunks(x: jax.Array, size: int) -> jax.Array:
-    """(N, ...) → (N/size, size, ...) after zero-padding N up to a multiple of size."""
-    pad = (-x.shape[0]) % size
-    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-    return x.reshape(x.shape[0] // size, size, *x.shape[1:])
+def row_chunks(x: jax.Array, size: int) -> jax.Array:
+    """(R, T, ...) → (T/size, R, size, ...): chunks of `size` positions along T within every
+    row, T zero-padded up to a multiple of size. The row axis stays whole in each chunk, so a
+    batch sharded over rows stays sharded: chunking the flattened (R·T) tokens instead makes
+    XLA gather the global batch onto every device, each then doing every chunk."""
+    pad = (-x.shape[1]) % size
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    x = x.reshape(x.shape[0], x.shape[1] // size, size, *x.shape[2:])
+    return jnp.moveaxis(x, 1, 0)
+
+
+def row_unchunk(y: jax.Array, length: int) -> jax.Array:
+    """`row_chunks` undone: (T/size, R, size, ...) → (R, length, ...)."""
+    y = jnp.moveaxis(y, 0, 1)
+    return y.reshape(y.shape[0], -1, *y.shape[3:])[:, :length]
+
+
+def chunk_positions(rows: int, length: int, chunk_size: int) -> int:
+    """Positions per chunk of `chunk_size` tokens over `rows` rows (≥ 1, ≤ length; 0 = all)."""
+    if chunk_size <= 0:
+        return length
+    return max(1, min(length, int(chunk_size) // max(rows, 1)))
 
 
 def _capped(x, kernel, bias, cap, dtype):
@@ -91,39 +113,40 @@ def _fused_nll(x, kernel, bias, tokens, cap, chunk, dtype):
 
 
 def _fused_nll_fwd(x, kernel, bias, tokens, cap, chunk, dtype):
+    """x (R, T, d), tokens (R, T) → nll (R, T), chunk positions of every row at a time."""
     def one(_, xt):
-        xc, tc = xt
+        xc, tc = xt  # (R, c, d), (R, c)
         capped, _ = _capped(xc, kernel, bias, cap, dtype)
         lse = jax.nn.logsumexp(capped, axis=-1)
-        target = jnp.take_along_axis(capped, tc[:, None], axis=-1)[:, 0]
+        target = jnp.take_along_axis(capped, tc[..., None], axis=-1)[..., 0]
         return None, (lse - target, lse)
 
-    n = x.shape[0]
-    _, (nll, lse) = jax.lax.scan(one, None, (_chunks(x, chunk), _chunks(tokens, chunk)))
-    nll, lse = nll.reshape(-1)[:n], lse.reshape(-1)[:n]
+    length = x.shape[1]
+    _, (nll, lse) = jax.lax.scan(one, None, (row_chunks(x, chunk), row_chunks(tokens, chunk)))
+    nll, lse = row_unchunk(nll, length), row_unchunk(lse, length)
     return nll, (x, kernel, bias, tokens, lse)
 
 
 def _fused_nll_bwd(cap, chunk, dtype, residuals, g):
     x, kernel, bias, tokens, lse = residuals
-    n, vocab = x.shape[0], kernel.shape[1]
+    length, vocab = x.shape[1], kernel.shape[1]
 
     def one(acc, xtlg):
-        xc, tc, lc, gc = xtlg
+        xc, tc, lc, gc = xtlg  # (R, c, d), (R, c) × 3
         capped, th = _capped(xc, kernel, bias, cap, dtype)
-        onehot = tc[:, None] == jnp.arange(vocab, dtype=tc.dtype)[None, :]
-        d_capped = gc[:, None] * (jnp.exp(capped - lc[:, None]) - onehot)
+        onehot = tc[..., None] == jnp.arange(vocab, dtype=tc.dtype)
+        d_capped = gc[..., None] * (jnp.exp(capped - lc[..., None]) - onehot)
         d_logits = (d_capped * (1.0 - th * th)).astype(dtype)  # d(cap·tanh(l/cap))/dl
         dk, db = acc
-        dk = dk + jnp.dot(xc.astype(dtype).T, d_logits, preferred_element_type=jnp.float32)
-        db = db + d_logits.astype(jnp.float32).sum(0)
+        dk = dk + jnp.einsum("rcd,rck->dk", xc.astype(dtype), d_logits, preferred_element_type=jnp.float32)
+        db = db + d_logits.astype(jnp.float32).sum((0, 1))
         dx = jnp.dot(d_logits, kernel.astype(dtype).T, preferred_element_type=jnp.float32)
         return (dk, db), dx
 
     acc0 = (jnp.zeros(kernel.shape, jnp.float32), jnp.zeros(bias.shape, jnp.float32))
-    xs = (_chunks(x, chunk), _chunks(tokens, chunk), _chunks(lse, chunk), _chunks(g, chunk))
+    xs = tuple(row_chunks(a, chunk) for a in (x, tokens, lse, g))
     (dk, db), dx = jax.lax.scan(one, acc0, xs)
-    dx = dx.reshape(-1, x.shape[1])[:n].astype(x.dtype)
+    dx = row_unchunk(dx, length).astype(x.dtype)
     return dx, dk.astype(kernel.dtype), db.astype(bias.dtype), None
 
 
@@ -138,7 +161,10 @@ def capped_nll(features: jax.Array, kernel: jax.Array, bias: jax.Array, tokens: 
     features (..., d): the final layer's modulated LN output (`DiT(..., features_only=True)`);
     kernel (d, K), bias (K,): `output_layer/linear`; tokens (...,) int. Equals
     −take(log_probs(features·W + b, cap), tokens) with the same compute dtype. chunk_size:
-    tokens per chunk (0: all at once); chunks bound the (chunk, K) temporaries.
+    tokens per chunk (0: all at once), counted over the whole batch; chunks bound the
+    (chunk, K) temporaries. A chunk is a run of positions of the last leading axis in every
+    row (`row_chunks`): a batch sharded over devices stays sharded, each device computing its
+    rows only (with n devices each holds chunk_size/n tokens of a chunk).
     """
     if features.shape[:-1] != tokens.shape:
         raise ValueError(f"features {features.shape} and tokens {tokens.shape} must agree on the "
@@ -147,10 +173,10 @@ def capped_nll(features: jax.Array, kernel: jax.Array, bias: jax.Array, tokens: 
         raise ValueError(f"kernel {kernel.shape} and bias {bias.shape} do not fit features "
                          f"{features.shape}: expected kernel (d, K) and bias (K,)")
     lead = tokens.shape
-    x = features.reshape(-1, features.shape[-1])
-    n = x.shape[0]
-    chunk = n if chunk_size <= 0 else min(int(chunk_size), n)
-    nll = _fused_nll(x, kernel, bias, tokens.reshape(-1).astype(jnp.int32), float(cap), chunk,
+    length = lead[-1] if lead else 1
+    x = features.reshape(-1, length, features.shape[-1])  # (R, T, d): rows kept whole
+    chunk = chunk_positions(x.shape[0], length, chunk_size)
+    nll = _fused_nll(x, kernel, bias, tokens.reshape(x.shape[:2]).astype(jnp.int32), float(cap), chunk,
                      jnp.dtype(dtype))
     return nll.reshape(lead)
 
@@ -275,10 +301,16 @@ def attention_scores(q: jax.Array, k: jax.Array, softcap: float) -> jax.Array:
     return softcap * jnp.tanh(scores / softcap)
 
 
-def softcap_attention(q: jax.Array, k: jax.Array, v: jax.Array, softcap: float) -> jax.Array:
+def softcap_attention(q: jax.Array, k: jax.Array, v: jax.Array, softcap: float,
+                      impl: str = "xla") -> jax.Array:
     """Bidirectional attention with a logit softcap, (B, L, H, hd) → (B, L, H, hd): softmax
     over keys of `attention_scores` in float32, the weights cast to v's dtype for the
-    product with v."""
+    product with v.
+
+    impl: 'xla' (this einsum; the only one jax.jvp can differentiate) or a fused tokamax
+    kernel ('xla_chunked', 'triton', 'mosaic'; `fmlm_jax.kernels`), same math."""
+    if impl != "xla":
+        return kernels.softcap_attention(q, k, v, softcap, impl)
     weights = jax.nn.softmax(attention_scores(q, k, softcap), axis=-1).astype(v.dtype)
     return jnp.einsum("bhlm,bmhd->blhd", weights, v)
 
@@ -293,6 +325,7 @@ class DiTBlock(nn.Module):
     attn_softcap: float
     dtype: Any
     param_dtype: Any
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(self, h, c, rope, train: bool):
@@ -307,7 +340,8 @@ class DiTBlock(nn.Module):
         qkv = qkv.reshape(batch, length, 3, self.n_heads, head_dim)  # f = which·d + head·hd + dim
         q = _apply_rotary(qkv[:, :, 0], *rope)
         k = _apply_rotary(qkv[:, :, 1], *rope)
-        o = softcap_attention(q, k, qkv[:, :, 2], self.attn_softcap).reshape(batch, length, d)
+        o = softcap_attention(q, k, qkv[:, :, 2], self.attn_softcap, self.attention_impl)
+        o = o.reshape(batch, length, d)
         o = Linear(d, use_bias=False, name="attn_out", **dense)(o)
         o = nn.Dropout(self.dropout, deterministic=not train)(o)
         h = h + (gate1 * o).astype(jnp.float32)  # the residual stream stays float32
@@ -372,7 +406,7 @@ class DiT(nn.Module):
         self.blocks = [
             DiTBlock(
                 cfg.hidden_size, cfg.n_heads, cfg.mlp_ratio, cfg.dropout, cfg.attn_softcap,
-                dtype, param_dtype,
+                dtype, param_dtype, cfg.attention_impl,
             )
             for _ in range(cfg.n_blocks)
         ]
@@ -431,11 +465,14 @@ class DiT(nn.Module):
 
 
 def init_params(config, rng: jax.Array, length: int = 8) -> dict:
-    """Initial parameters of `DiT(config)` (a dummy (1, length) token input fixes shapes)."""
+    """Initial parameters of `DiT(config)` (a dummy (1, length) token input fixes shapes).
+    The dummy pass uses 'xla' attention whatever `attention_impl` says: the parameters do not
+    depend on it, and a fused kernel need not exist here nor accept the dummy shape."""
     cfg = resolve_config(config)
+    cfg.attention_impl = "xla"
     z = jnp.zeros((1, length), jnp.int32)
     tau = jnp.zeros((1,), jnp.float32)
-    init = jax.jit(lambda key: DiT(config).init(key, z, tau, tau if cfg.two_time else None))
+    init = jax.jit(lambda key: DiT(cfg).init(key, z, tau, tau if cfg.two_time else None))
     return init(rng)["params"]  # jitted: one compile instead of one per parameter shape
 
 
@@ -480,6 +517,44 @@ def log_denoiser(params, model_config, *, train: bool = False, rng: jax.Array | 
         return jax.nn.log_softmax(scores(z, tau_s, tau_t), axis=-1)
 
     return log_delta
+
+
+class DenoiserParts(NamedTuple):
+    """The network split at its two vocabulary-wide ends, for losses chunked over tokens.
+
+    log δ(z) = log_softmax(scores(trunk(z·E, τ_s, τ_t))) over the vocabulary (SPEC §3):
+    embedding E (K, d) float32, the input projection (also the lift of a probability
+    vector into the network's input space, SPEC §10); trunk(h, τ_s, τ_t) → features
+    (B, L, d) from the projected input h (B, L, d); scores(f) → cap·tanh(logits/cap)
+    (..., K) float32 for features (..., d), any number of tokens at a time.
+    """
+
+    embedding: jax.Array
+    trunk: Callable
+    scores: Callable
+
+
+def denoiser_parts(params, model_config, *, train: bool = False, rng: jax.Array | None = None,
+                   attention_impl: str | None = None) -> DenoiserParts:
+    """`log_denoiser` split into (embedding, trunk, scores) (`DenoiserParts`), same math:
+    the distillation losses run the trunk on the whole batch and the K-wide ends chunk by
+    chunk of tokens. attention_impl overrides the config's (jvp paths need 'xla')."""
+    cfg = resolve_config(model_config)
+    if attention_impl is not None:
+        cfg.attention_impl = attention_impl
+    net = DiT(cfg)
+    rngs = {"dropout": rng} if (train and rng is not None) else None
+    linear = params["output_layer"]["linear"]
+    dtype = jnp.dtype(cfg.dtype)
+
+    def trunk(h, tau_s, tau_t=None):
+        return net.apply({"params": params}, h, tau_s, tau_t if cfg.two_time else None, train=train,
+                         rngs=rngs, embedded=True, features_only=True)
+
+    def scores(features):
+        return _capped(features, linear["kernel"], linear["bias"], cfg.output_cap, dtype)[0]
+
+    return DenoiserParts(params["vocab_embed"]["embedding"].astype(jnp.float32), trunk, scores)
 
 
 def to_host(params) -> dict:

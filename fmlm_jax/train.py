@@ -325,7 +325,8 @@ def _setup(config, workdir: str, manager, mesh, log) -> _Run:
     state = init_train_state(config, mesh, init_rng, params=params)
     data = loader.make_iterator(config, "train")
     start = 0
-    restored = checkpoints.restore_latest(manager, state, data_iterator=data, config=config)
+    restored = checkpoints.restore_latest(manager, state, data_iterator=data, config=config,
+                                          warn=lambda message: log(f"warning: {message}"))
     if restored is not None:  # a damaged newer step is reported and moved aside
         state, start = restored
         saved_rng = checkpoints.read_metadata(manager, start).get("rng")

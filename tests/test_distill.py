@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import scipy.optimize
 import scipy.stats
-from conftest import randomize, tiny_model_config
+from conftest import randomize, skip_or_fail, tiny_model_config
 
-from fmlm_jax import interpolant
+from fmlm_jax import interpolant, kernels
 from fmlm_jax import model as model_lib
 from fmlm_jax.model import DiT, init_params, log_probs
 from fmlm_jax.objectives import distill
@@ -480,7 +480,20 @@ def stand_in_network(monkeypatch):
 
         return log_delta
 
+    def fake_denoiser_parts(params, model_config, *, train=False, rng=None, attention_impl=None):
+        # The same stand-in split as the chunked loss reads it: E = W, features = x·W + τ terms
+        # + c, scores = the features themselves (no cap).
+        built.append((params["name"], train))
+        p = {k: jnp.asarray(v, jnp.float32) for k, v in params.items() if k != "name"}
+
+        def trunk(h, tau_s, tau_t=None):
+            tau_t = tau_s if tau_t is None else tau_t
+            return h + tau_s[:, None, None] * p["a"] + tau_t[:, None, None] * p["b"] + p["c"]
+
+        return model_lib.DenoiserParts(p["W"], trunk, lambda f: f)
+
     monkeypatch.setattr(model_lib, "log_denoiser", fake_log_denoiser)
+    monkeypatch.setattr(model_lib, "denoiser_parts", fake_denoiser_parts)
     return built
 
 
@@ -513,10 +526,13 @@ DISTILL_VARIANTS = [
 ]
 
 
+@pytest.mark.parametrize("chunk_size", [0, 6], ids=["unchunked", "chunked"])
 @pytest.mark.parametrize("variant", DISTILL_VARIANTS, ids=lambda v: "-".join(
     f"{k}={v[k]}" if k != "method" else v[k] for k in v))
-def test_distill_loss_equals_the_numpy_assembly_of_the_spec(variant, stand_in_network):
-    dc = _distill_config(**variant)
+def test_distill_loss_equals_the_numpy_assembly_of_the_spec(variant, chunk_size, stand_in_network):
+    # chunk_size 6 tokens: 2 positions of the 3 diagonal rows (two chunks of the 3 positions,
+    # the last one padded), 1 position of the 6 off-diagonal rows (three chunks).
+    dc = _distill_config(**variant, chunk_size=chunk_size)
     config = ml_collections.ConfigDict(dict(model=tiny_model_config(vocab_size=SK, two_time=True),
                                             distill=dc))
     student = _stand_in_params(0)
@@ -565,3 +581,81 @@ def test_learnable_loss_weighting_reweights_every_token_of_the_distillation_loss
     weighted, unweighted = metrics(student, llw_cfg), metrics(plain, plain_cfg)
     assert float(weighted["loss"]) == pytest.approx(np.exp(-c) * float(unweighted["loss"]) + c, rel=1e-5)
     assert float(weighted["diag_loss"]) == pytest.approx(float(unweighted["diag_loss"]), rel=1e-5)
+
+
+# ----------------------------------------------------- chunked over tokens (issue #16)
+# distill.chunk_size > 0 computes every K-wide tensor chunk by chunk of tokens from the
+# networks' features; it must be today's unchunked loss (chunk_size=0) to float32 rounding,
+# value and gradient, with dropout on and the real DiT.
+
+
+def _chunk_case(projected: bool, dropout: float = 0.1):
+    kw = dict(vocab_size=24, hidden_size=8, n_heads=2, cond_dim=8, n_blocks=1, dropout=dropout)
+    teacher_cfg = tiny_model_config(**kw)
+    teacher = randomize(init_params(teacher_cfg, jax.random.key(0)), jax.random.key(1))
+    student_cfg = tiny_model_config(two_time=True, **kw)
+    student = randomize(distill.init_student(teacher, student_cfg, jax.random.key(2)), jax.random.key(3))
+    ema = jax.tree_util.tree_map(lambda a: 0.9 * a, student)
+    tokens, mask, times, _, n_diag = _rows_and_noise()
+    return (student_cfg, student, teacher, ema, jnp.asarray(tokens % 24), jnp.asarray(mask, jnp.float32),
+            tuple(jnp.asarray(x, jnp.float32) for x in times), n_diag)
+
+
+def _loss_and_grad(case, variant, chunk_size, projected, attention_impl="xla"):
+    student_cfg, student, teacher, ema, tokens, mask, times, n_diag = case
+    model = ml_collections.ConfigDict(dict(student_cfg.items()))
+    model.attention_impl = attention_impl
+    dc = _distill_config(**variant, chunk_size=chunk_size)
+    config = ml_collections.ConfigDict(dict(model=model, distill=dc, flm=dict(projected_noise=projected)))
+    width = distill.noise_width(student, config, teacher, ema)
+    noise = jax.random.normal(jax.random.key(5), (*tokens.shape, width))
+
+    def loss(p):
+        return distill.distill_loss_at(p, tokens, mask, times, noise, n_diag, jax.random.key(6), config,
+                                       teacher if dc.use_teacher else None, ema)
+
+    (value, metrics), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(student)
+    return value, metrics, grads
+
+
+def _max_abs(a, b):
+    return max(float(jnp.max(jnp.abs(x - y))) for x, y in
+               zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True))
+
+
+@pytest.mark.parametrize("variant,projected", [
+    (dict(method="lsd"), True),  # the fast representative (the jvp path; PSD: the assembly test)
+    pytest.param(dict(method="psd"), False, marks=pytest.mark.slow),
+    pytest.param(dict(method="esd", use_teacher=False), False, marks=pytest.mark.slow),
+    pytest.param(dict(method="psd", use_teacher=False, use_mse_loss_psd=True, rescale_offdiag_loss_psd=True),
+                 True, marks=pytest.mark.slow),
+    pytest.param(dict(method="psd", use_ema_for_psd_target=True), False, marks=pytest.mark.slow),
+    pytest.param(dict(method="lsd", use_teacher=False, entmax_temp_lsd=1.5), False, marks=pytest.mark.slow),
+    pytest.param(dict(method="lsd", use_teacher_for_D_t_lsd=True), False, marks=pytest.mark.slow),
+    pytest.param(dict(method="esd"), True, marks=pytest.mark.slow),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_chunked_loss_and_gradient_equal_the_unchunked_ones(variant, projected):
+    case = _chunk_case(projected)
+    value, metrics, grads = _loss_and_grad(case, variant, 0, projected)
+    # 6 tokens a chunk: the 3 diagonal rows 2 positions at a time (padded), the 6 others 1.
+    value_c, metrics_c, grads_c = _loss_and_grad(case, variant, 6, projected)
+    assert float(value) > 0.1
+    for key in ("loss", "diag_loss", "offdiag_loss"):
+        assert abs(float(metrics[key]) - float(metrics_c[key])) <= 2e-6 * abs(float(metrics[key])), key
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree_util.tree_leaves(grads))
+    assert scale > 1e-2 and _max_abs(grads, grads_c) <= 1e-6 * scale
+
+
+@pytest.mark.slow  # three compiles of the loss and its gradient (~10 s)
+@pytest.mark.parametrize("method", ["lsd", "esd"])
+def test_lsd_esd_with_a_fused_kernel_take_the_jvp_through_xla(method):
+    # tokamax kernels are custom-VJP functions jax.jvp cannot differentiate: the target's jvp
+    # runs with XLA attention and the differentiated student pass with the kernel; same loss.
+    if kernels.tokamax is None:  # CI (FMLM_JAX_REQUIRE_ASSETS=1) fails instead
+        skip_or_fail("needs tokamax (pip install fmlm-jax[kernels])")
+    case = _chunk_case(False)
+    value, _, grads = _loss_and_grad(case, dict(method=method), 6, False)
+    value_k, _, grads_k = _loss_and_grad(case, dict(method=method), 6, False, "xla_chunked")
+    assert abs(float(value) - float(value_k)) <= 1e-5 and _max_abs(grads, grads_k) <= 1e-5
+    with pytest.raises(ValueError, match="distill.chunk_size"):
+        _loss_and_grad(case, dict(method=method), 0, False, "xla_chunked")

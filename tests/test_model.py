@@ -16,10 +16,12 @@ import sys
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
+from conftest import skip_or_fail
 
-from fmlm_jax import convert
+from fmlm_jax import checkpoints, convert, kernels
 from fmlm_jax.model import (
     DiT,
     attention_scores,
@@ -29,6 +31,7 @@ from fmlm_jax.model import (
     model_config,
     param_shapes,
     resolve_config,
+    softcap_attention,
 )
 
 try:
@@ -573,6 +576,105 @@ def test_bf16_attention_scores_are_accumulated_in_float32():
     assert np.abs(50.0 * np.tanh(bf16 / 50.0) - exact).max() > 1e-3 * np.abs(exact).max()  # what it avoids
 
 
+# ----------------------------------------------------------------------------- fused attention (issue #16)
+# The tokamax implementations that run on CPU must be our float32 einsum, forward and
+# gradient (measured: ≤ 8.2e-6 forward and gradient with scores up to ~|40|, ≤ 6.6e-7 with
+# unit-variance q, k; B 2, L 128/1024); the GPU/TPU kernels are selected the same way and run
+# by benchmarks/device.py.
+# tokamax is in the test extra: CI (FMLM_JAX_REQUIRE_ASSETS=1) fails rather than skips
+# without it. tokamax's Pallas kernels have no CPU interpret mode behind its public API.
+CPU_KERNELS = ("xla_chunked",)
+
+
+def require_tokamax():
+    if kernels.tokamax is None:
+        skip_or_fail("needs tokamax (pip install fmlm-jax[kernels])")
+
+
+def _attention_inputs(length=40, heads=3, head_dim=16):
+    keys = jax.random.split(jax.random.key(0), 4)
+    # scores up to ~|40|: the softcap 50·tanh(·/50) bends them visibly
+    q, k = (3.0 * jax.random.normal(key, (2, length, heads, head_dim)) for key in keys[:2])
+    v, g = (jax.random.normal(key, (2, length, heads, head_dim)) for key in keys[2:])
+    return q, k, v, g
+
+
+@pytest.mark.parametrize("impl", CPU_KERNELS)
+def test_kernel_attention_equals_ours_forward_and_gradient(impl):
+    require_tokamax()
+    q, k, v, g = _attention_inputs()
+    assert float(jnp.abs(attention_scores(q, k, 1e9)).max()) > 30.0  # the cap matters here
+
+    def loss(impl, softcap=50.0):
+        return lambda q, k, v: jnp.sum(softcap_attention(q, k, v, softcap, impl) * g)
+
+    ours, kernel = (jax.jit(jax.value_and_grad(loss(i), argnums=(0, 1, 2))) for i in ("xla", impl))
+    (_, grads), (_, grads_k) = ours(q, k, v), kernel(q, k, v)
+    out = softcap_attention(q, k, v, 50.0)
+    out_k = jax.jit(lambda *a: softcap_attention(*a, 50.0, impl))(q, k, v)
+    assert max_diff(out, out_k) <= 1e-5
+    assert max(max_diff(a, b) for a, b in zip(grads, grads_k, strict=True)) <= 1e-5
+    uncapped = softcap_attention(q, k, v, 1e9)
+    assert max_diff(out_k, uncapped) > 1e-2  # the kernel applied the softcap
+
+
+def test_dit_with_a_kernel_equals_the_xla_dit_and_refuses_jvp():
+    require_tokamax()
+    cfg, cfg_k = small_config(True), small_config(True, attention_impl=CPU_KERNELS[0])
+    params = random_params(cfg, seed=3)
+    z, tau_s, tau_t, _ = inputs(seed=4)
+    fns = [jax.jit(jax.value_and_grad(lambda p, c=c: jnp.sum(jnp.sin(DiT(c).apply({"params": p}, z, tau_s,
+                                                                                   tau_t)))))
+           for c in (cfg, cfg_k)]
+    (value, grads), (value_k, grads_k) = (fn(params) for fn in fns)
+    assert abs(float(value) - float(value_k)) <= 1e-5 * max(1.0, abs(float(value)))
+    leaves, leaves_k = jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_k)
+    scale = max(float(np.abs(a).max()) for a in leaves)  # gradients reach ~10 here
+    assert max(max_diff(a, b) for a, b in zip(leaves, leaves_k, strict=True)) <= 1e-5 * scale
+    # A custom-VJP kernel has no forward-mode derivative: why LSD/ESD take their jvp via 'xla'.
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(lambda t: DiT(cfg_k).apply({"params": params}, z, tau_s, t), (tau_t,), (tau_t,))
+
+
+def test_attention_impl_errors_name_the_alternatives(monkeypatch):
+    with pytest.raises(ValueError, match="attention_impl must be one of"):
+        resolve_config(small_config(attention_impl="flash"))
+    q, k, v, _ = _attention_inputs(length=8)
+    if kernels.tokamax is not None:  # a GPU kernel on this CPU
+        with pytest.raises(ValueError, match=re.escape("choose one of ('xla', 'xla_chunked')")):
+            softcap_attention(q, k, v, 50.0, "triton")
+        with pytest.raises(ValueError, match="not on 'tpu'"):
+            kernels.check("triton", "tpu")
+    monkeypatch.setattr(kernels, "tokamax", None)  # the optional extra not installed
+    with pytest.raises(ImportError, match=re.escape("pip install fmlm-jax[kernels]")) as error:
+        softcap_attention(q, k, v, 50.0, "xla_chunked")
+    assert "('xla',)" in str(error.value) and kernels.available("gpu") == ("xla",)
+
+
+def test_attention_impl_is_no_part_of_a_checkpoints_architecture(tmp_path):
+    # A run trained with a GPU kernel loads on CPU: load resets attention_impl to 'xla' unless
+    # asked, and the fingerprint ignores it (a run resumed with another kernel is the same model).
+    gpu, cpu = small_config(True, attention_impl="triton"), small_config(True)
+    assert checkpoints.model_fingerprint(gpu) == checkpoints.model_fingerprint(cpu)
+    assert "attention_impl" not in checkpoints.architecture(gpu)
+    meta = checkpoints.run_metadata(ml_collections.ConfigDict(dict(model=gpu)))
+    assert meta["model_config"]["attention_impl"] == "triton"
+    checkpoints.check_compatible(meta, cpu)  # resuming with 'xla': not "another model"
+    params = random_params(cpu, seed=5)  # the same shapes (init would run the GPU kernel)
+    checkpoints.export_params(tmp_path / "export", params, params, gpu, step=3)
+    meta = checkpoints.load_checkpoint(tmp_path / "export").meta
+    assert meta["model_config"]["attention_impl"] == "triton"  # as trained
+    loaded, cfg, _ = checkpoints.load(tmp_path / "export")
+    assert cfg.attention_impl == "xla" and cfg.hidden_size == HIDDEN
+    z, tau_s, tau_t, _ = inputs(seed=6)
+    out = jax.jit(lambda p: DiT(cfg).apply({"params": p}, z, tau_s, tau_t))(loaded)  # runs here
+    assert bool(jnp.all(jnp.isfinite(out)))
+    _, asked, _ = checkpoints.load(tmp_path / "export", attention_impl="xla_chunked")
+    assert asked.attention_impl == "xla_chunked"
+    with pytest.raises(ValueError, match="attention_impl must be one of"):
+        checkpoints.load(tmp_path / "export", attention_impl="flash")
+
+
 def test_jit_matches_eager():
     cfg = small_config(True, True)
     params = random_params(cfg, seed=13)
@@ -686,16 +788,17 @@ def test_times_outside_unit_interval_are_rejected(bad):
         DiT(cfg).apply({"params": params}, z, jnp.array([0.5, 0.5]), jnp.array([bad, 0.2]))
 
 
-@pytest.mark.parametrize("chunk", [0, 5])  # 5 does not divide the 12 tokens: padding
+# 6 tokens of the 3 rows: 2 positions per chunk, which do not divide the 5 positions: padding.
+@pytest.mark.parametrize("chunk", [0, 6])
 def test_fused_capped_nll_matches_log_probs_and_its_gradients(chunk):
     from fmlm_jax.model import capped_nll
 
     keys = jax.random.split(jax.random.key(0), 5)
-    x = jax.random.normal(keys[0], (3, 4, 8))
+    x = jax.random.normal(keys[0], (3, 5, 8))
     kernel = 4.0 * jax.random.normal(keys[1], (8, 50))  # large logits: the cap is active
     bias = jax.random.normal(keys[2], (50,))
-    tokens = jax.random.randint(keys[3], (3, 4), 0, 50)
-    weights = jax.random.uniform(keys[4], (3, 4))  # a non-uniform upstream gradient
+    tokens = jax.random.randint(keys[3], (3, 5), 0, 50)
+    weights = jax.random.uniform(keys[4], (3, 5))  # a non-uniform upstream gradient
 
     def unfused(x, k, b):
         lp = log_probs(x @ k + b, 30.0)

@@ -38,6 +38,39 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent(
     workdir = sys.argv[1]
     out = {}
 
+    # --- the token-chunked K-wide losses keep the batch sharding (issue #16): compiled for a
+    # batch over data=8 against one device, per-device FLOPs (XLA's cost analysis) and
+    # all-gathers. Chunking the flattened (B·L) tokens gathered the batch onto every device.
+    from jax.sharding import NamedSharding, PartitionSpec
+    from fmlm_jax.model import capped_nll
+    from fmlm_jax.objectives.distill import chunked
+
+    def nll_loss(f, w, b, tok):  # FLM's fused output cross-entropy
+        return capped_nll(f, w, b, tok, 30.0, 64).sum()
+
+    def target_ce(f, g, w):  # a distillation term: a K-wide target, chunked over tokens
+        def one(fc, gc):
+            target = jax.lax.stop_gradient(jax.nn.softmax(gc @ w, axis=-1))
+            return -jnp.sum(target * jax.nn.log_softmax(fc @ w, axis=-1), axis=-1)
+        return chunked.token_map(one, 64, f, g).sum()
+
+    def compiled(fn, args):
+        c = jax.jit(jax.grad(fn, argnums=(0, 1))).lower(*args).compile()
+        cost = c.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        return float(cost["flops"]), sum("all-gather" in line for line in c.as_text().splitlines())
+
+    mesh8 = sharding.make_mesh(8, 1)
+    rows, whole = sharding.batch_sharding(mesh8), NamedSharding(mesh8, PartitionSpec())
+    f32, B, L, d, K = jnp.float32, 16, 64, 16, 512
+    for name, fn, specs in [
+            ("capped_nll", nll_loss, [((B, L, d), f32, rows), ((d, K), f32, whole), ((K,), f32, whole),
+                                      ((B, L), jnp.int32, rows)]),
+            ("token_map", target_ce, [((B, L, d), f32, rows), ((B, L, d), f32, rows), ((d, K), f32, whole)])]:
+        flops_1, _ = compiled(fn, [jax.ShapeDtypeStruct(s, t) for s, t, _ in specs])
+        flops_8, gathers = compiled(fn, [jax.ShapeDtypeStruct(s, t, sharding=sh) for s, t, sh in specs])
+        out["chunked " + name] = {"flops_ratio": flops_8 / flops_1, "all_gathers": gathers}
+
     # --- one step on several meshes against one device
     config = run_config(model=tiny_model_config(n_blocks=1),  # hidden 32 divides by 8, vocab 23 does not
                         train=dict(lr=1e-3, warmup_steps=1, weight_decay=0.01, grad_clip=1e6))
@@ -164,6 +197,16 @@ def test_sharded_train_step_matches_one_device(multi_device, mesh):
     assert got["donated"]
     assert got["axis_types"] == [str(AxisType.Auto)] * 2
     assert got["batch_spec"] == str(PartitionSpec(("data", "fsdp")))
+
+
+def test_token_chunked_losses_keep_the_batch_sharded(multi_device):
+    # FLM's fused cross-entropy and the distillation terms chunk along positions within rows:
+    # with the batch over 8 devices each does 1/8 of one device's FLOPs and gathers nothing
+    # (the flattened (B·L) chunking did all of it on every device, ratio 1, 3 all-gathers).
+    for name in ("capped_nll", "token_map"):
+        got = multi_device["chunked " + name]
+        assert got["all_gathers"] == 0, (name, got)
+        assert 0.12 <= got["flops_ratio"] <= 0.14, (name, got)
 
 
 def test_fsdp_really_shards_params_and_adam_moments(multi_device):

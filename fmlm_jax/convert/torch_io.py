@@ -10,22 +10,25 @@
 
 torch is imported lazily (the optional `torch` extra); a `.ckpt` is never fully unpickled:
 its tensors load with torch's safe (weights-only) loader, every other pickled object becomes an
-inert placeholder, and a pickle that names a code-running global (os.system, eval, subprocess,
-...) is refused as unsafe (`errors.UnsafeCheckpointError`) before anything is loaded.
+inert placeholder, and a pickle that calls anything but a data constructor (os.system, eval,
+subprocess.Popen, ...: see INERT_CALLABLES) is refused as unsafe (`errors.UnsafeCheckpointError`)
+before torch reads it.
 """
 
 from __future__ import annotations
 
+import _compat_pickle
 import collections
+import contextlib
 import dataclasses
 import json
 import os
-import pickle
 import pickletools
 import re
 import warnings
+import zipfile
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import ml_collections
 import numpy as np
@@ -61,16 +64,37 @@ N_HEADS_HINT = (
 )
 
 
-# Modules and builtins whose globals run code or touch the system when a pickle calls them.
-# Nothing pickled is ever called (unknown globals become placeholders), but a file naming one
-# of these is a payload, not a checkpoint: it is refused as unsafe, by name.
-UNSAFE_MODULES = ("os", "posix", "nt", "subprocess", "sys", "shutil", "socket", "importlib", "runpy",
-                  "pickle", "_pickle", "marshal", "ctypes", "pty", "code", "codeop", "webbrowser",
-                  "multiprocessing", "signal", "pdb", "timeit", "tempfile", "urllib", "http", "requests",
-                  "asyncio", "threading", "_thread", "io", "_io", "operator", "commands", "popen2")
-UNSAFE_BUILTINS = ("eval", "exec", "execfile", "compile", "open", "__import__", "getattr", "setattr",
-                   "delattr", "globals", "locals", "vars", "input", "breakpoint", "exit", "quit", "help",
-                   "apply", "memoryview")
+# Which pickled globals a `.ckpt` may call (see `unsafe_calls`). A pickle is a small program:
+# GLOBAL pushes any importable object; REDUCE calls the object below its argument tuple, and
+# INST / OBJ (protocols 0-1) call one too; NEWOBJ makes an instance of a class without calling
+# it (`cls.__new__(cls)`) and BUILD hands that instance its pickled state. Data is therefore
+# rebuilt by NEWOBJ + BUILD (the released checkpoints' omegaconf configs and transformers
+# tokenizer) or merely named (`ref_type=typing.Any`, `object_type=builtins.dict`); code runs
+# only where the pickle *calls* something. So a call is allowed only of
+#   - what torch's weights-only loader itself accepts (its tensor rebuilders, dtypes, ...), or
+#   - INERT_CALLABLES: classes that only store the data they are called with, and numpy's
+#     array / scalar rebuilders (an ndarray from a shape, a dtype and bytes), or
+#   - the three calls that rebuild a type annotation (`_annotation`: typing.Dict[str, Any],
+#     int | None, NoneType);
+# every other call is refused by name, above all functions (os.system, posix.system,
+# builtins.eval / exec / getattr, subprocess.Popen, pickle.loads, ...), and also: a callable the
+# pickle computes itself (a REDUCE on what another call or NEWOBJ returned: how a rebuilt
+# functools.partial would run os.system), and copyreg._reconstructor (protocols 0-1), which calls
+# `base.__init__` of whatever class it is given, subprocess.Popen's included. Nothing is
+# imported or run to decide: the pickle is read statically (`scan_pickle`), before torch reads
+# it. What is allowed still never runs either: the globals torch's loader refuses become inert
+# placeholders (`_placeholder_class`).
+INERT_CALLABLES = frozenset(
+    [f"builtins.{n}" for n in ("dict", "list", "tuple", "set", "frozenset", "bytearray", "bytes", "str",
+                               "int", "float", "complex", "bool", "slice", "range", "object")]
+    + [f"collections.{n}" for n in ("OrderedDict", "defaultdict", "deque", "Counter")]
+    + [f"datetime.{n}" for n in ("date", "time", "datetime", "timedelta", "timezone")]
+    + ["decimal.Decimal", "fractions.Fraction", "uuid.UUID"]
+    + [f"pathlib.{n}" for n in ("PurePath", "PurePosixPath", "PureWindowsPath", "Path", "PosixPath",
+                                "WindowsPath")]
+    + [f"numpy.{n}" for n in ("dtype", "ndarray")]
+    + [f"numpy.{core}.multiarray.{n}" for core in ("core", "_core") for n in ("_reconstruct", "scalar")]
+)
 UNSAFE_FIX = "convert it with the authors' code or export safetensors"
 
 
@@ -118,50 +142,170 @@ def _clean_key(key: str) -> str:
     return key[len("_orig_mod."):] if key.startswith("_orig_mod.") else key
 
 
-def is_unsafe_global(qualified: str) -> bool:
-    """Whether a pickled global ('module.name') would run code or touch the system if called."""
-    module, _, name = qualified.rpartition(".")
-    if module in ("builtins", "__builtin__"):
-        return name in UNSAFE_BUILTINS
-    return module.split(".")[0] in UNSAFE_MODULES
+class PickleScan(NamedTuple):
+    """What a pickle file names and calls (`scan_pickle`)."""
+
+    globals: list  # every global it names, 'module.name'
+    calls: list  # what it calls: a global's name, or COMPUTED_CALL
 
 
-def pickle_globals(path: str) -> list[str]:
-    """The globals ('module.name') a pickle file names, read statically (pickletools: nothing
-    runs), over each pickle of the file in turn (torch's legacy format holds several); a
-    damaged or non-pickle tail ends the scan."""
-    found, strings = [], []
+COMPUTED_CALL = "a callable built inside the pickle"
+_MARK = object()  # pickle's MARK on the simulated stack
+_STRINGS = ("UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "STRING", "BINSTRING",
+            "SHORT_BINSTRING")
+
+
+class _Global(NamedTuple):
+    name: str
+
+
+def _global(module, name) -> _Global:
+    """The global a pickle names, with Python 2's names mapped as the unpickler maps them
+    (`__builtin__.set` is `builtins.set`)."""
+    if not (isinstance(module, str) and isinstance(name, str)):
+        return _Global("<a global named by computed strings>")
+    module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+    return _Global(f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{name}")
+
+
+def _annotation(callee, args) -> bool:
+    """Whether a call rebuilds a type annotation (inert whatever it names): `typing.Dict[str,
+    Any]` is operator.getitem on a typing global, `int | None` functools.reduce(operator.or_,
+    ...), and NoneType builtins.type(None) (pickle's spelling of it)."""
+    if not (isinstance(callee, _Global) and isinstance(args, tuple) and args):
+        return False
+    first = args[0].name if isinstance(args[0], _Global) else None
+    if callee.name in ("operator.getitem", "_operator.getitem"):
+        return len(args) == 2 and first is not None and first.startswith("typing.")
+    if callee.name == "functools.reduce":
+        return len(args) == 2 and first in ("operator.or_", "_operator.or_")
+    return callee.name == "builtins.type" and len(args) == 1
+
+
+def _pop(stack: list, op) -> list:
+    """The operands `op` takes off the simulated stack (for a MARK-delimited op: the items
+    above the mark, then those listed before it)."""
+    before = op.stack_before
+    if pickletools.markobject in before:
+        mark = len(stack) - 1 - stack[::-1].index(_MARK)  # ValueError: no mark (not a pickle)
+        taken, below = stack[mark + 1:], before.index(pickletools.markobject)
+        del stack[mark:]
+    else:
+        taken, below = [], len(before)
+    if below > len(stack):
+        raise ValueError("pickle stack underflow")
+    taken = stack[len(stack) - below:] + taken if below else taken
+    del stack[len(stack) - below:]
+    return taken
+
+
+def _scan_one(f, scan: PickleScan) -> None:
+    """Follows one pickle (to its STOP) on a simulated stack that holds globals and strings
+    and nothing else: enough to tell what each REDUCE / INST / OBJ calls."""
+    stack, memo = [], {}
+
+    def call(callee) -> None:
+        scan.calls.append(callee.name if isinstance(callee, _Global) else COMPUTED_CALL)
+
+    for op, arg, _ in pickletools.genops(f):
+        name = op.name
+        if name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):  # store the top, keep it
+            memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
+            continue
+        if name == "DUP":
+            stack.append(stack[-1])
+            continue
+        operands = _pop(stack, op)
+        if name == "MARK":
+            pushed = _MARK
+        elif name in ("GLOBAL", "INST"):
+            pushed = _global(*str(arg).split(" ", 1))
+            scan.globals.append(pushed.name)
+            if name == "INST":  # INST calls the global with the marked arguments
+                call(pushed)
+                pushed = None
+        elif name == "STACK_GLOBAL":
+            pushed = _global(*operands)
+            scan.globals.append(pushed.name)
+        elif name in ("REDUCE", "OBJ"):  # REDUCE: callable, args; OBJ: class, *args
+            if not (name == "REDUCE" and _annotation(*operands)):
+                call(operands[0])
+            pushed = None
+        elif name in ("EMPTY_TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "TUPLE"):
+            pushed = tuple(operands)
+        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            pushed = memo.get(arg)
+        elif name in ("EXT1", "EXT2", "EXT4"):  # copyreg's extension registry: a global by number
+            pushed = _Global(f"<extension code {arg}>")
+            scan.globals.append(pushed.name)
+        elif name in _STRINGS:
+            pushed = arg
+        elif name == "BUILD":
+            pushed = operands[0]
+        else:
+            stack.extend([None] * len(op.stack_after))
+            continue
+        stack.append(pushed)
+
+
+def scan_pickle(path: str) -> PickleScan:
+    """The globals a `.ckpt` names and what it calls, read statically (pickletools: nothing is
+    imported or run). torch's zip format: its `data.pkl`; otherwise each pickle of the file in
+    turn (torch's legacy format holds several); tensor bytes, garbage or EOF end the scan."""
+    scan = PickleScan([], [])
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+            for name in names:
+                with archive.open(name) as f, contextlib.suppress(Exception):
+                    _scan_one(f, scan)
+        return scan
     with open(path, "rb") as f:
-        try:
+        with contextlib.suppress(Exception):  # the end of the pickles
             while True:
-                for op, arg, _ in pickletools.genops(f):
-                    if op.name in ("GLOBAL", "INST"):
-                        found.append(str(arg).replace(" ", "."))
-                    elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                        found.append(".".join(strings[-2:]))
-                    elif isinstance(arg, str):
-                        strings.append(arg)
-        except Exception:  # noqa: BLE001 - the end of the pickles (tensor bytes, garbage, EOF)
-            pass
-    return found
+                _scan_one(f, scan)
+    return scan
 
 
-def _refuse_unsafe(path: str, names) -> None:
-    unsafe = sorted({n for n in names if is_unsafe_global(n)})
+def _torch_refused(torch, path: str, scan: PickleScan) -> set[str]:
+    """The globals of `scan` that torch's weights-only loader refuses."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)  # torch's zip format
+    except Exception:  # noqa: BLE001 - a legacy or bare pickle: compare with torch's own allow-list
+        allowed = getattr(torch._weights_only_unpickler, "_get_allowed_globals", dict)()
+        return set(scan.globals) - set(allowed)
+    # torch's spelling (placeholders need it) and the scan's (`__builtin__.eval` is builtins.eval)
+    return set(names) | {_global(*name.rsplit(".", 1)).name for name in names if "." in name}
+
+
+def unsafe_calls(scan: PickleScan, torch_refused: set[str]) -> list[str]:
+    """The calls of `scan` that are refused (see INERT_CALLABLES), sorted."""
+    return sorted({c for c in scan.calls
+                   if c == COMPUTED_CALL or (c in torch_refused and c not in INERT_CALLABLES)})
+
+
+def _refuse_unsafe(torch, path: str) -> list[str]:
+    """UnsafeCheckpointError if the pickle calls anything but data constructors (before torch
+    reads it); else the globals torch's loader refuses (to be replaced by placeholders)."""
+    scan = scan_pickle(path)
+    refused = _torch_refused(torch, path, scan)
+    unsafe = unsafe_calls(scan, refused)
     if unsafe:
         raise errors.UnsafeCheckpointError(
-            f"{path}: refusing to unpickle {', '.join(unsafe)} (loading it would run code); {UNSAFE_FIX}")
+            f"refusing to unpickle {', '.join(unsafe)} from {path}; {UNSAFE_FIX}")
+    return sorted(refused)
 
 
 def _torch_reason(error: BaseException) -> str:
     """torch's loader error in a few words, without its advice to load with weights_only=False
-    (which would run whatever the file holds)."""
+    or to allow-list a global "if you trust" it (either would run whatever the file holds)."""
     text = str(error)
     found = (re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", text, re.S)
              or re.search(r"(Trying to load [^\n]*)", text))
     reason = " ".join((found.group(1) if found else text.strip().splitlines()[0] if text.strip() else
                        type(error).__name__).split())
-    return "torch's safe loader refused it" if "weights_only" in reason else reason
+    reason = re.split(r"\s*\b(?:Please use|You can use|If you trust|Check the documentation)\b", reason)[0]
+    return "torch's safe loader refused it" if "weights_only" in reason or not reason else reason
 
 
 def _unreadable(path: str, error: BaseException) -> ValueError:
@@ -176,31 +320,20 @@ def _torch_load(path: str) -> dict:
     transformers tokenizer): a plain weights-only load refuses them, and a full unpickle
     would need those packages and run code from the file. Instead each global the safe
     loader refuses is replaced by an inert placeholder class; tensors load as usual. A file
-    naming a code-running global (`is_unsafe_global`) is refused: UnsafeCheckpointError.
+    whose pickle calls anything but data constructors is refused first, by name
+    (UnsafeCheckpointError; see INERT_CALLABLES); torch is never retried unsafely.
     """
     torch = _require_torch("reading a .ckpt")
+    refused = _refuse_unsafe(torch, path)
+    stubs = [_placeholder_class(name) for name in refused if not name.startswith("<")]
     try:
-        with warnings.catch_warnings():  # a bare pickle's protocol: noise before the refusal line
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # globals the safe loader refuses: stub them below
-        first_error = e
-    except Exception as e:  # noqa: BLE001 - not a torch file at all
-        raise _unreadable(path, e) from None
-    try:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # noqa: BLE001 - not torch's zip format: a bare or legacy pickle
-        _refuse_unsafe(path, pickle_globals(path))
-        raise _unreadable(path, first_error) from None
-    _refuse_unsafe(path, unsafe)
-    stubs = [_placeholder_class(name) for name in unsafe]
-    try:
-        with torch.serialization.safe_globals(stubs):
+        with warnings.catch_warnings(), torch.serialization.safe_globals(stubs):
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # a bare pickle's
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - still refused (a blocked module): never retried unsafely
+    except Exception as e:  # noqa: BLE001 - not a torch file, or still refused: one line, no advice
         raise _unreadable(path, e) from None
-    if isinstance(ckpt, dict):
-        ckpt["__placeholders__"] = sorted(unsafe)
+    if refused and isinstance(ckpt, dict):
+        ckpt["__placeholders__"] = refused
     return ckpt
 
 

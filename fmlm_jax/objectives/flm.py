@@ -13,11 +13,13 @@ from fmlm_jax.schedule import Schedule
 # bounds the (chunk, K) temporaries. On CPU small chunks suit the cache (256 vs one chunk
 # of 1024 tokens: ~10% faster step, 175 MB less peak RSS, benchmarks/speed.py);
 # accelerators want large matmuls, and 4096 × 50258 float32 is 0.8 GB. Same numerics.
+# Per device: a chunk spans the whole (sharded) batch (`model.capped_nll`), so the default
+# is this many tokens times the device count.
 CE_CHUNK_SIZE = {"cpu": 256}
 
 
 def default_ce_chunk_size() -> int:
-    return CE_CHUNK_SIZE.get(jax.default_backend(), 4096)
+    return CE_CHUNK_SIZE.get(jax.default_backend(), 4096) * jax.device_count()
 
 
 def antithetic_uniform(rng: jax.Array, n: int) -> jax.Array:

@@ -23,8 +23,8 @@ import jax.numpy as jnp
 
 from fmlm_jax import interpolant
 from fmlm_jax import model as model_lib
+from fmlm_jax.objectives.distill import chunked, targets
 from fmlm_jax.objectives.distill import rows as rows_lib
-from fmlm_jax.objectives.distill import targets
 from fmlm_jax.objectives.flm import finalize
 from fmlm_jax.schedule import Schedule
 
@@ -221,7 +221,7 @@ def distill_terms_at(params, tokens, mask, times, noise, n_diag: int, dropout_rn
     dropout_rng: the student's dropout keys (train mode).
     """
     _check(params, config, teacher_params, ema_params)
-    dc, mc = config.distill, config.model
+    mc = config.model
     mask = jnp.ones(tokens.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
     schedule = Schedule(mc.vocab_size)
     tau_s, tau_u, tau_t = times
@@ -230,11 +230,63 @@ def distill_terms_at(params, tokens, mask, times, noise, n_diag: int, dropout_rn
     x_s, lift = noisy_state(tokens, s, noise, _networks(params, config, teacher_params, ema_params),
                             projected)
 
+    k_diag, k_off, k_target1, k_target2 = jax.random.split(dropout_rng, 4)
+    if chunked.chunk_size(config) > 0:
+        diag_loss, off_loss, keep = _chunked_terms(
+            params, tokens, (tau_s, tau_u, tau_t), (s, u, t), x_s, n_diag,
+            (k_diag, k_off, k_target1, k_target2), config, teacher_params, ema_params, train, schedule,
+            projected)
+    else:
+        diag_loss, off_loss, keep = _unchunked_terms(
+            params, tokens, (tau_s, tau_u, tau_t), (s, u, t), x_s, lift, n_diag,
+            (k_diag, k_off, k_target1, k_target2), config, teacher_params, ema_params, train, schedule,
+            projected)
+    diag_mask, off_mask = _head(mask, n_diag), _tail(mask, n_diag) * keep[:, None]
+
+    per_token = jnp.concatenate([diag_loss, off_loss], axis=0)  # (N, L)
+    full_mask = jnp.concatenate([diag_mask, off_mask], axis=0)
+    if mc.learnable_loss_weighting:
+        w = model_lib.DiT(mc).apply({"params": params}, tau_s, method=model_lib.DiT.loss_weight)
+        per_token = jnp.exp(-w)[:, None] * per_token + w[:, None]
+    n = jnp.asarray(tokens.shape[0], jnp.float32)
+    boundary = jnp.sum((_tail(tau_s, n_diag) == 0.0) & (_tail(tau_t, n_diag) == 1.0)).astype(jnp.float32)
+    return {
+        "loss": ((per_token * full_mask).sum(), full_mask.sum()),
+        "diag_loss": ((diag_loss * diag_mask).sum(), diag_mask.sum()),
+        "offdiag_loss": ((off_loss * off_mask).sum(), off_mask.sum()),
+        # Fractions of the rows by kind (× the global batch: the row counts of the update).
+        "rows_diagonal": (jnp.asarray(n_diag, jnp.float32), n),
+        "rows_boundary": (boundary, n),
+        "rows_offdiagonal": (n - n_diag - boundary, n),
+    }
+
+
+def _head(a, n_diag: int):
+    return jax.tree_util.tree_map(lambda v: v[:n_diag], a)
+
+
+def _tail(a, n_diag: int):
+    return jax.tree_util.tree_map(lambda v: v[n_diag:], a)
+
+
+def _unchunked_terms(params, tokens, taus, times, x_s, lift, n_diag, keys, config, teacher_params,
+                     ema_params, train, schedule, projected):
+    """(diagonal (n_diag, L), off-diagonal (N − n_diag, L) per-token losses, kept rows) with
+    every (N, L, K) tensor of the batch built at once (distill.chunk_size=0)."""
+    dc, mc = config.distill, config.model
+    impl = mc.get("attention_impl", "xla")
+    if dc.method in ("lsd", "esd") and impl != "xla":
+        raise ValueError(
+            f"distill.method={dc.method!r} takes a jvp through the student, which the fused "
+            f"model.attention_impl={impl!r} cannot give with distill.chunk_size=0 (unchunked); set "
+            "distill.chunk_size > 0 (its jvp runs through XLA attention) or model.attention_impl='xla'")
+    tau_s, tau_u, tau_t = taus
+    s, u, t = times
+    k_diag, k_off, k_target1, k_target2 = keys
+
     def network(name, weights, model_config, **kwargs):  # reads the array, or its own projected form
         fn = model_lib.log_denoiser(weights, model_config, embedded=projected, **kwargs)
         return (lambda x, a, b: fn(x[name], a, b)) if projected else fn
-
-    k_diag, k_off, k_target1, k_target2 = jax.random.split(dropout_rng, 4)
 
     def student(key):
         return network("student", params, mc, train=train, rng=key)
@@ -246,33 +298,74 @@ def distill_terms_at(params, tokens, mask, times, noise, n_diag: int, dropout_rn
                     student_target2=student(k_target2), teacher=teacher, ema=ema, lift=lift)
 
     def head(a):
-        return jax.tree_util.tree_map(lambda v: v[:n_diag], a)
+        return _head(a, n_diag)
 
     def tail(a):
-        return jax.tree_util.tree_map(lambda v: v[n_diag:], a)
+        return _tail(a, n_diag)
 
     diag_nets = dataclasses.replace(nets, student=student(k_diag))
     diag_loss = _diagonal_term(head(x_s), head(tokens), head(tau_s), diag_nets, dc)
     off = Rows(tail(x_s), tail(tokens), tail(tau_s), tail(tau_u), tail(tau_t), tail(s), tail(u), tail(t))
     off_loss, keep = METHOD_TERMS[dc.method](off, nets, dc, schedule)
-    diag_mask, off_mask = head(mask), tail(mask) * keep[:, None]
+    return diag_loss, off_loss, keep
 
-    per_token = jnp.concatenate([diag_loss, off_loss], axis=0)  # (N, L)
-    full_mask = jnp.concatenate([diag_mask, off_mask], axis=0)
-    if mc.learnable_loss_weighting:
-        w = model_lib.DiT(mc).apply({"params": params}, tau_s, method=model_lib.DiT.loss_weight)
-        per_token = jnp.exp(-w)[:, None] * per_token + w[:, None]
-    n = jnp.asarray(tokens.shape[0], jnp.float32)
-    boundary = jnp.sum((tail(tau_s) == 0.0) & (tail(tau_t) == 1.0)).astype(jnp.float32)
-    return {
-        "loss": ((per_token * full_mask).sum(), full_mask.sum()),
-        "diag_loss": ((diag_loss * diag_mask).sum(), diag_mask.sum()),
-        "offdiag_loss": ((off_loss * off_mask).sum(), off_mask.sum()),
-        # Fractions of the rows by kind (× the global batch: the row counts of the update).
-        "rows_diagonal": (jnp.asarray(n_diag, jnp.float32), n),
-        "rows_boundary": (boundary, n),
-        "rows_offdiagonal": (n - n_diag - boundary, n),
-    }
+
+def _chunked_terms(params, tokens, taus, times, x_s, n_diag, keys, config, teacher_params, ema_params,
+                   train, schedule, projected):
+    """As `_unchunked_terms`, with the K-wide work chunked over tokens (`chunked`): every
+    network runs its trunk on projected inputs h = x·E (N, L, d)."""
+    dc, mc = config.distill, config.model
+    chunk = chunked.chunk_size(config)
+    tau_s, tau_u, tau_t = taus
+    s, u, t = times
+    k_diag, k_off, k_target1, k_target2 = keys
+
+    def parts(name, weights, model_config, **kwargs):
+        return model_lib.denoiser_parts(weights, model_config, **kwargs), name
+
+    def student(key, **kwargs):
+        return parts("student", params, mc, train=train, rng=key, **kwargs)
+
+    nets = {"student": student(k_off)}
+    # The jvp of LSD/ESD goes through XLA attention (a custom-VJP kernel has no jvp): the same
+    # weights and dropout key; the same object when the configured attention is XLA already.
+    nets["student_jvp"] = (nets["student"] if mc.get("attention_impl", "xla") == "xla"
+                           else student(k_off, attention_impl="xla"))
+    if dc.use_teacher:
+        nets["teacher"] = parts("teacher", teacher_params, teacher_config(mc))
+    if _ema_targets(config):  # EMA targets in eval mode (no dropout), as the reference
+        nets["ema"] = parts("ema", ema_params, mc)
+    if projected:
+        h = x_s
+    else:  # h = x_s·E for each network that reads x_s, the product its own input layer makes
+        h = {name: jnp.einsum("blk,kd->bld", x_s, p.embedding) for p, name in
+             (nets[k] for k in ("student", "teacher", "ema") if k in nets)}
+
+    def head(a):
+        return _head(a, n_diag)
+
+    def tail(a):
+        return _tail(a, n_diag)
+
+    diag_loss = chunked.diagonal_loss(student(k_diag), nets.get("teacher"), head(h), head(tokens),
+                                      head(tau_s), dc, chunk)
+    r = Rows(tail(h), tail(tokens), tail(tau_s), tail(tau_u), tail(tau_t), tail(s), tail(u), tail(t))
+    if dc.method == "psd":
+        first, second = ((nets["ema"], nets["ema"]) if dc.use_ema_for_psd_target
+                         else (student(k_target1), student(k_target2)))
+        return diag_loss, chunked.psd_loss(nets["student"], first, second, r.x, r, dc, chunk), \
+            jnp.ones_like(r.t, bool)
+    if dc.method == "lsd":
+        d_t = (nets["teacher"] if dc.use_teacher and dc.use_teacher_for_D_t_lsd
+               else student(k_target1))  # the reference default: the student's own δ_{t,t}
+        dtau_dt_t = schedule.dtau_dt(r.t)  # LSD's chain-rule factor, at t
+        off = chunked.lsd_loss(nets["student"], nets["student_jvp"], d_t, r.x, r, dtau_dt_t,
+                               dc.entmax_temp_lsd, chunk)
+        return diag_loss, off, jnp.ones_like(r.t, bool)
+    # ESD: D_s of the teacher, or the student's own diagonal δ_{s,s}; t = 1 rows left out.
+    d_s = (*nets["teacher"], None) if dc.use_teacher else (*student(k_target1), r.tau_s)
+    off = chunked.esd_loss(nets["student"], nets["student_jvp"], d_s, r.x, r, schedule.dtau_dt(r.s), chunk)
+    return diag_loss, off, r.t < 1.0
 
 
 def loss_terms(params, batch: dict, plan: dict, rng: jax.Array, config, teacher_params=None,
