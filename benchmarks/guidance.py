@@ -60,7 +60,7 @@ def parse_args(argv):
     p.add_argument("--seq-len", type=int, help="default: the FLM run's data.seq_len")
     p.add_argument("--gamma", type=float, help="FMLM γ (default: the FMLM run's sample.gamma)")
     p.add_argument("--etas", type=_floats, default=[0, 1, 2, 5, 10, 20, 50])
-    p.add_argument("--lams", type=_floats, default=[0, 0.5, 1, 2, 4])
+    p.add_argument("--lams", type=_floats, default=[0, 0.02, 0.05, 0.1, 0.25, 1])
     p.add_argument("--keyword", default="love")
     p.add_argument("--num-samples", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=32)
