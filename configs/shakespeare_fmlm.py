@@ -13,11 +13,16 @@ def get_config(variant: str = ""):
     flm = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shakespeare_flm.py")
     config = fmlm_config.load(flm + (f":{variant}" if variant else ""))
     quick = variant == "quick"
+    num_steps = 100 if quick else 300
     config.mode = "fmlm"
     config.model.two_time = True
     config.flm.projected_noise = False  # distillation draws dense noise (SPEC §5)
-    config.data.batch_size = 8 if quick else 32
-    config.train.update(num_steps=2 if quick else 200, lr=1e-3, warmup_steps=1 if quick else 25, b2=0.999)
+    config.data.batch_size = 32
+    config.train.update(
+        num_steps=num_steps, lr=1e-3, warmup_steps=5 if quick else 25, b2=0.999, schedule="constant",
+        log_every=10 if quick else 25,
+        save_every=num_steps // 4, keep_every=num_steps // 4,  # the 1/4 step: a weak FMLM for autoguidance
+    )
     config.distill.update(
         method="psd",
         use_teacher=True,

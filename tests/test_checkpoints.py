@@ -97,6 +97,7 @@ def assert_trees_equal(a, b):
 
 
 # ------------------------------------------------------------------ exact resume
+@pytest.mark.slow  # the loop's exact resume runs by default: tests/test_train.py
 def test_interrupted_run_resumes_exactly(tmp_path, data_dir, compilation_cache):
     """12 steps uninterrupted (saving after step 5 on the way: async, and the next step
     donates the saved buffers) versus a new process that restores step 5 and runs 7 more:

@@ -220,7 +220,12 @@ def test_validate_lists_every_problem_and_missing_keys():
 def test_load_reads_variants_and_names_a_missing_file(tmp_path):
     quick, full = load_file("shakespeare_flm", "quick"), load_file("shakespeare_flm")
     assert quick.train.num_steps < full.train.num_steps
-    assert load_file("shakespeare_fmlm", "quick").data.batch_size == 8  # a config built on another
+    # A config built on another passes its variant on: the quick student has the quick FLM's model.
+    def architecture(c):
+        return {k: v for k, v in c.model.to_dict().items() if k != "two_time"}
+    fmlm_quick = load_file("shakespeare_fmlm", "quick")
+    assert fmlm_quick.mode == "fmlm" and fmlm_quick.model.two_time
+    assert architecture(fmlm_quick) == architecture(quick) != architecture(full)
     with pytest.raises(FileNotFoundError, match="no config file"):
         fmlm_config.load(str(tmp_path / "nope.py"))
     bad = tmp_path / "bad.py"

@@ -409,6 +409,7 @@ def test_cli_round_trip(tmp_path, capsys):
                for k, v in ck["state_dict"].items())
 
 
+@pytest.mark.slow  # a subprocess per command; the CLI in process: test_cli_round_trip, test_cli_errors
 def test_cli_subprocess(tmp_path):
     """`python -m fmlm_jax.convert` end to end (error paths: `test_cli_errors`, in process)."""
     run = lambda *a: subprocess.run(  # noqa: E731

@@ -526,9 +526,17 @@ DISTILL_VARIANTS = [
 ]
 
 
-@pytest.mark.parametrize("chunk_size", [0, 6], ids=["unchunked", "chunked"])
-@pytest.mark.parametrize("variant", DISTILL_VARIANTS, ids=lambda v: "-".join(
-    f"{k}={v[k]}" if k != "method" else v[k] for k in v))
+def _assembly_cases():
+    """Every variant chunked (the default path) and unchunked; by default the unchunked path
+    runs once per method (with a teacher), its other variants under `slow`."""
+    for variant in DISTILL_VARIANTS:
+        name = "-".join(f"{k}={variant[k]}" if k != "method" else variant[k] for k in variant)
+        yield pytest.param(variant, 6, id=f"{name}-chunked")
+        basic = variant == dict(method=variant["method"], use_teacher=True)
+        yield pytest.param(variant, 0, id=f"{name}-unchunked", marks=() if basic else pytest.mark.slow)
+
+
+@pytest.mark.parametrize("variant,chunk_size", list(_assembly_cases()))
 def test_distill_loss_equals_the_numpy_assembly_of_the_spec(variant, chunk_size, stand_in_network):
     # chunk_size 6 tokens: 2 positions of the 3 diagonal rows (two chunks of the 3 positions,
     # the last one padded), 1 position of the 6 off-diagonal rows (three chunks).
@@ -624,7 +632,8 @@ def _max_abs(a, b):
 
 
 @pytest.mark.parametrize("variant,projected", [
-    (dict(method="lsd"), True),  # the fast representative (the jvp path; PSD: the assembly test)
+    # slow: the chunked losses by default are the assembly test's (every variant, chunked)
+    pytest.param(dict(method="lsd"), True, marks=pytest.mark.slow),
     pytest.param(dict(method="psd"), False, marks=pytest.mark.slow),
     pytest.param(dict(method="esd", use_teacher=False), False, marks=pytest.mark.slow),
     pytest.param(dict(method="psd", use_teacher=False, use_mse_loss_psd=True, rescale_offdiag_loss_psd=True),

@@ -70,6 +70,7 @@ def test_soft_classifier_learns_saves_and_rewards(tmp_path):
         rewards.load_classifier(str(tmp_path / "nope"))
 
 
+@pytest.mark.slow  # a GPT-2 compile; the text models' parity: tests/test_textmodels.py
 def test_gpt2_fluency_of_a_one_hot_sequence_is_minus_its_mean_nll(tmp_path):
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=30, n_positions=16, n_embd=16, n_layer=2, n_head=2)

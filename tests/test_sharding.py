@@ -23,10 +23,10 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 GOLDEN = os.path.join(TESTS, "golden", "partition_specs_small.json")
 GOLDEN_MESH = {"data": 1, "fsdp": 8}
 
-# The one 8-device subprocess of the suite (XLA_FLAGS must be set before jax initialises):
-# one train step on several meshes against one device, the state created sharded, mesh
-# errors, and the whole loop (FLM and FMLM, with gradient accumulation) on meshes. Prints
-# one JSON line of results.
+# The default suite's one 8-device subprocess (XLA_FLAGS must be set before jax initialises):
+# the token-chunked losses' sharding, one train step on several meshes against one device,
+# the state created sharded, mesh errors. Prints one JSON line of results. The whole loop on
+# meshes is LOOP_SCRIPT's (slow).
 MULTI_DEVICE_SCRIPT = textwrap.dedent(
     """
     import json, os, sys, time
@@ -139,6 +139,22 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent(
     out["auto_shape"] = dict(sharding.make_mesh(-1, 2).shape)
     out["subset_shape"] = dict(sharding.make_mesh(2, 2, devices=jax.devices()[:4]).shape)
 
+    print("RESULT " + json.dumps(out))
+    """
+)
+
+# The heavier half (slow): the whole loop, FLM and FMLM with gradient accumulation, on meshes.
+LOOP_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    import jax
+    from conftest import quiet, run_config, synthetic_model
+    from fmlm_jax import sharding, train
+
+    assert jax.device_count() == 8, jax.devices()
+    workdir = sys.argv[1]
+    out = {}
+
     # --- the loop on meshes: same global batch, times, noise and dropout masks everywhere
     original = sharding.make_mesh
 
@@ -168,19 +184,27 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="module")
-def multi_device(tmp_path_factory):
+def run_on_8_devices(script: str, workdir: str) -> dict:
     # The two optimisation flags halve the compile time on CPU.
     flags = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
              " --xla_llvm_disable_expensive_passes=true")
     env = {**os.environ, "XLA_FLAGS": flags,
            "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")])}
-    workdir = str(tmp_path_factory.mktemp("mesh"))
-    proc = subprocess.run([sys.executable, "-c", MULTI_DEVICE_SCRIPT, workdir], env=env, cwd=TESTS,
+    proc = subprocess.run([sys.executable, "-c", script, workdir], env=env, cwd=TESTS,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
     return json.loads(line[len("RESULT "):])
+
+
+@pytest.fixture(scope="module")
+def multi_device(tmp_path_factory):
+    return run_on_8_devices(MULTI_DEVICE_SCRIPT, str(tmp_path_factory.mktemp("mesh")))
+
+
+@pytest.fixture(scope="module")
+def multi_device_loop(tmp_path_factory):
+    return run_on_8_devices(LOOP_SCRIPT, str(tmp_path_factory.mktemp("mesh_loop")))
 
 
 @pytest.mark.parametrize("mesh", ["4x2", "1x8"])
@@ -295,14 +319,16 @@ def test_init_train_state_creates_the_state_sharded(multi_device):
     assert init["max_diff"] == 0.0  # the same init as train.create_train_state
 
 
-def test_the_loop_on_8_devices_matches_one_device(multi_device):
+@pytest.mark.slow
+def test_the_loop_on_8_devices_matches_one_device(multi_device_loop):
     # Same global batch, times, noise and dropout masks on every mesh: only the reduction
     # order differs (dropout 0.1, four AdamW steps).
-    np.testing.assert_allclose(multi_device["flm 8x1"], multi_device["flm 1"], rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(multi_device_loop["flm 8x1"], multi_device_loop["flm 1"], rtol=2e-5, atol=1e-6)
 
 
-def test_distillation_with_accumulation_on_a_mixed_mesh_matches_one_device(multi_device):
-    one, mesh = multi_device["fmlm 1 accum2"], multi_device["fmlm 4x2 accum2"]
+@pytest.mark.slow
+def test_distillation_with_accumulation_on_a_mixed_mesh_matches_one_device(multi_device_loop):
+    one, mesh = multi_device_loop["fmlm 1 accum2"], multi_device_loop["fmlm 4x2 accum2"]
     np.testing.assert_allclose(mesh, one, rtol=2e-5, atol=1e-6)
     # 16 rows, f = 0.5, P = 4: ⌊16·(0.5 + 0.125)⌋ − 8 = 2 boundary rows in every update
     # (a split per micro-batch of 8 rows would give 1, per device of 1 row none).
