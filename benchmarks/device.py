@@ -27,7 +27,6 @@ import argparse
 import functools
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -66,17 +65,6 @@ def run_config(mode: str, shape, size_kw: dict, attention: str, projected: bool,
     if mode == "fmlm":
         config.distill.method = method
     return fmlm_config.validate(config)
-
-
-def timed(fn, steps: int) -> float:
-    """Median seconds of fn() (which blocks) over `steps` calls after one compiling call."""
-    fn()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def compiled_summary(compiled) -> dict:
@@ -164,7 +152,7 @@ def step_item(bench: Bench, config, name: str, teacher: bool = False):
             box[0], m = compiled(box[0], *args)
             jax.block_until_ready(m["loss"])
 
-        seconds = timed(once, bench.args.steps)
+        seconds = metrics.median_seconds(once, bench.args.steps)
         out = {"step_s": seconds, "tokens_per_s": batch * length / seconds}
         if config.mode == "flm":
             flops = metrics.train_step_cost(batch, length, projected=bool(config.flm.projected_noise),
@@ -184,7 +172,8 @@ def sample_item(bench: Bench, model_cfg, batch: int, length: int, steps: int, pr
         params = model_lib.init_params(model_cfg, jax.random.key(0))
         z0 = sampling.initial_noise(jax.random.key(1), batch, length, model_cfg, projected)
         fn = jax.jit(lambda p, z: sampling.generate(p, model_cfg, z, steps, projected=projected))
-        seconds = timed(lambda: jax.block_until_ready(fn(params, z0)), repeats or bench.args.steps)
+        seconds = metrics.median_seconds(lambda: jax.block_until_ready(fn(params, z0)),
+                                         repeats or bench.args.steps)
         return {"seconds": seconds, "samples_per_s": batch / seconds, "batch": batch, "steps": steps}
     return run
 

@@ -18,10 +18,8 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB, LENGTH = 30522, 128  # LM1B-like shape
@@ -44,15 +42,9 @@ def _model_config(width: str, two_time: bool):
 
 
 def _median_seconds(fn, steps: int) -> float:
-    """Median seconds of fn() over `steps` calls after one warm-up (compiling) call; fn must
-    finish its work before returning (block on JAX results)."""
-    fn()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    from fmlm_jax.metrics import median_seconds  # lazily, as every JAX import of this script
+
+    return median_seconds(fn, steps)
 
 
 def run_jax_train(width: str, batch: int, steps: int, projected: bool, ce_chunk: int) -> dict:

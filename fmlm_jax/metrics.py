@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
+import time
 
 import jax
 
@@ -113,6 +115,18 @@ def flm_train_flops_per_token(model_config, seq_len: int, projected: bool) -> fl
 def mfu(flops_per_s: float, peak_per_device: float | None, devices: int) -> float | None:
     """Model FLOPs utilisation: achieved model FLOP/s over the devices' peak (None if unknown)."""
     return None if not peak_per_device else flops_per_s / (peak_per_device * devices)
+
+
+def median_seconds(fn, steps: int) -> float:
+    """Median wall seconds of fn() over `steps` calls after one warm-up (compiling) call, for
+    the benchmarks; fn must finish its work before returning (block on JAX results)."""
+    fn()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 # ============================================================================ writers
