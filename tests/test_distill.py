@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import scipy.optimize
 import scipy.stats
-from conftest import randomize, skip_or_fail, tiny_model_config
+from conftest import posterior_mean, randomize, rk4_flow, skip_or_fail, tiny_model_config
 
 from fmlm_jax import interpolant, kernels
 from fmlm_jax import model as model_lib
@@ -31,29 +31,12 @@ RK4_STEPS = 200
 
 def exact_denoiser(x, t):
     """Posterior mean D_t(x) (B, L, K) over DATA; t (B,) < 1."""
-    onehots = jax.nn.one_hot(DATA, K)
-    scale = t / (1.0 - t) ** 2
-    logits = jnp.einsum("blk,mlk->bm", x, onehots) * scale[:, None]
-    return jnp.einsum("bm,mlk->blk", jax.nn.softmax(logits, axis=-1), onehots)
+    return posterior_mean(x, t, DATA, K)
 
 
 def exact_flow(x, s, t):
     """X_{s,t}(x) by RK4 on dx/dt = (D_t(x) − x)/(1 − t)."""
-    h = (t - s) / RK4_STEPS
-    rows = lambda v: v[:, None, None]  # noqa: E731
-
-    def v(x, r):
-        return (exact_denoiser(x, r) - x) / rows(1.0 - r)
-
-    def step(i, x):
-        r = s + i * h
-        k1 = v(x, r)
-        k2 = v(x + rows(h / 2) * k1, r + h / 2)
-        k3 = v(x + rows(h / 2) * k2, r + h / 2)
-        k4 = v(x + rows(h) * k3, r + h)
-        return x + rows(h / 6) * (k1 + 2 * k2 + 2 * k3 + k4)
-
-    return jax.lax.fori_loop(0, RK4_STEPS, step, x)
+    return rk4_flow(exact_denoiser, x, s, t, RK4_STEPS)
 
 
 def exact_log_delta(x, s, t):

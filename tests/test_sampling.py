@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.special
-from conftest import randomize, tiny_model_config
+from conftest import posterior_mean, randomize, rk4_flow, tiny_model_config
 
 from fmlm_jax import interpolant, model, rewards, sampling
 from fmlm_jax.model import DiT, init_params
@@ -188,29 +188,14 @@ T_END = 0.995  # the exact flow is integrated to here (1 − t divides its veloc
 
 
 def _posterior_mean(x, t):
-    onehots = jax.nn.one_hot(PHRASE_IDS, PK)
-    logits = jnp.einsum("blk,mlk->bm", x, onehots) * (t / (1.0 - t) ** 2)[:, None]
-    return jnp.einsum("bm,mlk->blk", jax.nn.softmax(logits, axis=-1), onehots)
+    return posterior_mean(x, t, PHRASE_IDS, PK)
 
 
 def _exact_delta(x, s, t, steps=60):
     """δ_{s,t}(x) of the exact flow map, t capped at T_END."""
     t = jnp.minimum(t, T_END)
-    h = (t - s) / steps
     rows = lambda v: v[:, None, None]  # noqa: E731
-
-    def v(x, r):
-        return (_posterior_mean(x, r) - x) / rows(1.0 - r)
-
-    def step(i, x):
-        r = s + i * h
-        k1 = v(x, r)
-        k2 = v(x + rows(h / 2) * k1, r + h / 2)
-        k3 = v(x + rows(h / 2) * k2, r + h / 2)
-        k4 = v(x + rows(h) * k3, r + h)
-        return x + rows(h / 6) * (k1 + 2 * k2 + 2 * k3 + k4)
-
-    x_t = jax.lax.fori_loop(0, steps, step, x)
+    x_t = rk4_flow(_posterior_mean, x, s, t, steps)
     return (x_t - rows((1 - t) / (1 - s)) * x) * rows((1 - s) / (t - s))
 
 
